@@ -1,0 +1,246 @@
+"""Read a product catalog (CSV, JSONL or Parquet) and its images, and report every bad row.
+
+Columns are mapped by name (`ColumnMap`); images may be embedded bytes, a local path (relative to
+the catalog file), or an http(s) URL that is downloaded once into a cache. Nothing is dropped
+silently: a malformed row is listed in the report with its reason, and a product whose image
+cannot be read keeps its text (the towers embed it text-only).
+
+Only pandas, numpy and Pillow: the indexing client reads catalogs with this module too.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import math
+import os
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+logger = logging.getLogger(__name__)
+
+ATTRIBUTES = ("master_category", "sub_category", "article_type", "base_colour", "usage", "gender")
+IMAGE_COLUMN_CANDIDATES = ("image", "image_url", "image_path", "img", "imageURL")
+DEFAULT_CACHE_DIR = Path(os.environ.get("MMSEARCH_CACHE", Path.home() / ".cache" / "mmsearch"))
+
+
+@dataclass
+class ColumnMap:
+    """Which catalog column holds what. Empty means absent; image="" means auto-detect."""
+
+    id: str = "product_id"
+    title: str = "title"
+    description: str = "description"
+    image: str = ""
+    price: str = "price"
+    attributes: tuple[str, ...] = ATTRIBUTES
+
+    @classmethod
+    def add_arguments(cls, parser) -> None:
+        """Add --id-col, --title-col, ... to an argparse parser (shared by training and client)."""
+        d = cls()
+        group = parser.add_argument_group("catalog columns")
+        group.add_argument("--id-col", default=d.id, help="column with the unique product id")
+        group.add_argument("--title-col", default=d.title, help="column with the product title")
+        group.add_argument("--description-col", default=d.description,
+                           help="column with the product description ('' if none)")
+        group.add_argument("--image-col", default=d.image,
+                           help="column with image bytes, a path relative to the catalog, or an "
+                                f"http(s) URL; default: the first of {', '.join(IMAGE_COLUMN_CANDIDATES)}")
+        group.add_argument("--price-col", default=d.price, help="column with a numeric price ('' if none)")
+        group.add_argument("--attribute-cols", default=",".join(d.attributes),
+                           help="comma-separated attribute columns kept as filterable fields; "
+                                "missing ones are ignored")
+
+    @classmethod
+    def from_args(cls, args) -> ColumnMap:
+        attrs = tuple(a.strip() for a in args.attribute_cols.split(",") if a.strip())
+        return cls(id=args.id_col, title=args.title_col, description=args.description_col,
+                   image=args.image_col, price=args.price_col, attributes=attrs)
+
+
+@dataclass
+class CatalogReport:
+    rows: int = 0
+    products: int = 0
+    malformed: list[tuple[int, str]] = field(default_factory=list)  # (row number, reason)
+    duplicates: list[str] = field(default_factory=list)
+    broken_images: list[tuple[str, str]] = field(default_factory=list)  # (product id, reason)
+    missing_images: int = 0
+
+    def summary(self) -> str:
+        return (f"{self.rows} rows -> {self.products} products; {len(self.malformed)} malformed rows, "
+                f"{len(self.duplicates)} duplicate ids, {self.missing_images} without image, "
+                f"{len(self.broken_images)} with a broken image (kept, text-only)")
+
+    def log(self, limit: int = 5) -> None:
+        logger.info("catalog: %s", self.summary())
+        for row, reason in self.malformed[:limit]:
+            logger.warning("malformed row %d: %s", row, reason)
+        for pid in self.duplicates[:limit]:
+            logger.warning("duplicate product id %s: the first row is kept", pid)
+        for pid, reason in self.broken_images[:limit]:
+            logger.warning("product %s: image unusable (%s)", pid, reason)
+
+
+class CatalogError(ValueError):
+    """The catalog as a whole cannot be read (missing file, unknown format, missing id column)."""
+
+
+def _read_table(path: Path, report: CatalogReport) -> pd.DataFrame:
+    suffix = "".join(path.suffixes[-2:]).lower() if path.suffix == ".gz" else path.suffix.lower()
+    if suffix.startswith(".parquet") or suffix == ".pq":
+        return pd.read_parquet(path)
+    if suffix.startswith((".jsonl", ".ndjson", ".json")):
+        records = []
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    if not isinstance(record, dict):
+                        raise ValueError("not a JSON object")
+                    record["_row"] = lineno
+                    records.append(record)
+                except ValueError as exc:
+                    report.malformed.append((lineno, f"invalid JSON ({exc})"))
+        return pd.DataFrame.from_records(records)
+    if suffix.startswith((".csv", ".tsv")):
+        bad = []
+
+        def on_bad(line: list[str]) -> None:
+            bad.append(line)
+
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, engine="python",
+                         sep="\t" if suffix.startswith(".tsv") else ",", on_bad_lines=on_bad)
+        for line in bad:
+            report.malformed.append((-1, f"wrong number of fields: {str(line)[:80]}"))
+        return df
+    raise CatalogError(f"{path}: unknown catalog format {suffix!r} (expected .csv, .tsv, .jsonl, .parquet)")
+
+
+def _text(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value).strip()
+
+
+def _price(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def read_catalog(path: str | os.PathLike, columns: ColumnMap | None = None,
+                 limit: int | None = None) -> tuple[pd.DataFrame, CatalogReport]:
+    """Read a catalog into a frame with columns product_id, title, description, image, price,
+    and the attribute columns that exist (all strings, '' when empty).
+
+    `image` holds what the catalog holds (bytes, a path or URL, or None); resolve it with
+    `load_image_bytes`. `attrs.base_dir` is the folder relative image paths start from.
+    """
+    columns = columns or ColumnMap()
+    path = Path(path)
+    if not path.is_file():
+        raise CatalogError(f"catalog not found: {path}")
+    report = CatalogReport()
+    df = _read_table(path, report)
+    if limit is not None:
+        df = df.iloc[:limit]
+    report.rows = len(df) + len(report.malformed)
+    if columns.id not in df.columns:
+        raise CatalogError(f"{path}: no id column {columns.id!r}; columns are {list(df.columns)} "
+                           "(map yours with --id-col)")
+    if columns.title not in df.columns and columns.description not in df.columns:
+        raise CatalogError(f"{path}: neither title column {columns.title!r} nor description column "
+                           f"{columns.description!r} exists; columns are {list(df.columns)}")
+    image_col = columns.image or next((c for c in IMAGE_COLUMN_CANDIDATES if c in df.columns), "")
+    if image_col and image_col not in df.columns:
+        raise CatalogError(f"{path}: no image column {image_col!r}; columns are {list(df.columns)}")
+
+    rownums = df["_row"].tolist() if "_row" in df.columns else list(range(2, len(df) + 2))
+    out = pd.DataFrame({
+        "product_id": [_text(v) for v in df[columns.id]],
+        "title": [_text(v) for v in df[columns.title]] if columns.title in df.columns else "",
+        "description": ([_text(v) for v in df[columns.description]]
+                        if columns.description and columns.description in df.columns else ""),
+        "image": (df[image_col].where(df[image_col].notna(), None).tolist() if image_col else None),
+        "price": ([_price(v) for v in df[columns.price]]
+                  if columns.price and columns.price in df.columns else float("nan")),
+    })
+    for attr in columns.attributes:
+        if attr in df.columns:
+            out[attr] = [_text(v) for v in df[attr]]
+    out["_row"] = rownums
+
+    keep = []
+    seen = set()
+    for i, (pid, title, desc) in enumerate(zip(out["product_id"], out["title"], out["description"])):
+        if not pid:
+            report.malformed.append((rownums[i], "empty product id"))
+        elif not title and not desc:
+            report.malformed.append((rownums[i], f"product {pid}: no title and no description"))
+        elif pid in seen:
+            report.duplicates.append(pid)
+        else:
+            seen.add(pid)
+            keep.append(i)
+            continue
+    out = out.iloc[keep].reset_index(drop=True)
+    out["image"] = [v if v not in ("", b"") else None for v in out["image"]]
+    report.missing_images = int(out["image"].isna().sum())
+    report.products = len(out)
+    out.attrs["base_dir"] = str(path.parent.resolve())
+    out.attrs["path"] = str(path.resolve())
+    return out, report
+
+
+@dataclass
+class ImageFetcher:
+    """Resolves a catalog image reference to encoded bytes; URLs are downloaded once, with limits."""
+
+    base_dir: str = "."
+    cache_dir: Path = DEFAULT_CACHE_DIR / "images"
+    timeout_s: float = 10.0
+    max_bytes: int = 20 * 1024 * 1024
+
+    def __call__(self, ref) -> bytes:
+        if isinstance(ref, (bytes, bytearray, memoryview)):
+            return bytes(ref)
+        if not isinstance(ref, str) or not ref:
+            raise FileNotFoundError("no image")
+        if ref.startswith(("http://", "https://")):
+            return self._download(ref)
+        path = Path(ref) if os.path.isabs(ref) else Path(self.base_dir) / ref
+        if path.stat().st_size > self.max_bytes:
+            raise ValueError(f"{path}: larger than {self.max_bytes:,} bytes")
+        return path.read_bytes()
+
+    def _download(self, url: str) -> bytes:
+        cached = Path(self.cache_dir) / hashlib.sha1(url.encode()).hexdigest()
+        if cached.is_file():
+            return cached.read_bytes()
+        request = urllib.request.Request(url, headers={"User-Agent": "mmsearch/0.1"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                data = response.read(self.max_bytes + 1)
+        except (urllib.error.URLError, TimeoutError, OSError) as exc:
+            raise ConnectionError(f"cannot download {url}: {exc} (offline? images are fetched once "
+                                  f"into {self.cache_dir})") from None
+        if len(data) > self.max_bytes:
+            raise ValueError(f"{url}: larger than {self.max_bytes:,} bytes")
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, cached)
+        return data
+

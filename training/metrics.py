@@ -1,0 +1,55 @@
+"""Retrieval metrics over ranked id lists (numpy only: the client's evaluation uses them too).
+
+Recall@k is capped: |relevant in top k| / min(k, |relevant|). A broad query ("black tshirts")
+has hundreds of relevant products, and plain recall@10 could never exceed 10/|relevant|; the capped
+form is 1.0 when the top k is all relevant, like the R-cap of BEIR.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+KS = (1, 10, 100)
+
+
+def retrieval_metrics(ranked: Sequence[Sequence[str]], relevant: Sequence[Sequence[str]],
+                      ks: Sequence[int] = KS) -> dict[str, float]:
+    """Mean Recall@k (capped), nDCG@10 and MRR@10 over queries; `ranked[i]` is best first."""
+    if len(ranked) != len(relevant):
+        raise ValueError(f"{len(ranked)} rankings for {len(relevant)} relevance lists")
+    if not ranked:
+        raise ValueError("no queries to evaluate")
+    recalls = {k: [] for k in ks}
+    ndcgs, rrs = [], []
+    discounts = 1.0 / np.log2(np.arange(2, 12))
+    for ranking, rel in zip(ranked, relevant):
+        rel = set(rel)
+        hits = np.fromiter((pid in rel for pid in ranking), dtype=bool, count=len(ranking))
+        for k in ks:
+            recalls[k].append(hits[:k].sum() / min(k, len(rel)))
+        top = hits[:10]
+        ideal = discounts[: min(10, len(rel))].sum()
+        ndcgs.append(float((top * discounts[: len(top)]).sum() / ideal))
+        first = np.flatnonzero(top)
+        rrs.append(1.0 / (first[0] + 1) if len(first) else 0.0)
+    out = {f"recall@{k}": float(np.mean(v)) for k, v in recalls.items()}
+    out["ndcg@10"] = float(np.mean(ndcgs))
+    out["mrr@10"] = float(np.mean(rrs))
+    out["queries"] = len(ranked)
+    return out
+
+
+def rank(query_embeddings: np.ndarray, product_embeddings: np.ndarray, ids: Sequence[str],
+         k: int = 100, chunk: int = 1024) -> list[list[str]]:
+    """Exact top-k by inner product (embeddings are unit vectors, so this is cosine)."""
+    ids = np.asarray(ids)
+    k = min(k, len(ids))
+    out = []
+    for start in range(0, len(query_embeddings), chunk):
+        scores = query_embeddings[start:start + chunk] @ product_embeddings.T
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        order = np.take_along_axis(scores, top, axis=1).argsort(axis=1)[:, ::-1]
+        out.extend(ids[np.take_along_axis(top, order, axis=1)].tolist())
+    return out

@@ -1,0 +1,149 @@
+"""Search queries made from product attributes, since no query log exists.
+
+Every query carries the attribute constraints it names ("women's red kurtas" names gender, colour
+and article type). Relevance is then defined, not guessed: a product is relevant to a query when
+it matches every constraint. Training uses it to drop in-batch false negatives; validation uses it
+to count every matching product as a hit.
+
+TRAIN_TEMPLATES are the phrasings the training generator uses. Evaluation sets must be written in
+other phrasings (see `evaluation/`), so that a score measures generalisation, not memorised templates.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+GENDER_WORDS = {
+    "men": "Men", "men's": "Men", "women": "Women", "women's": "Women", "unisex": "Unisex",
+    "boys": "Boys", "boy's": "Boys", "girls": "Girls", "girl's": "Girls", "kids": "",
+}
+GENDER_ADJ = {"Men": "men's", "Women": "women's", "Boys": "boys'", "Girls": "girls'", "Unisex": "unisex"}
+GENDER_NOUN = {"Men": "men", "Women": "women", "Boys": "boys", "Girls": "girls", "Unisex": "everyone"}
+
+# {placeholder} -> the attribute it names. "title" is a span of the product's own title.
+PLACEHOLDERS = {"colour": "base_colour", "type": "article_type", "gender_adj": "gender",
+                "gender_noun": "gender", "brand": "brand", "usage": "usage", "title": "title"}
+
+TRAIN_TEMPLATES = (
+    "{colour} {type}",
+    "{gender_adj} {colour} {type}",
+    "{brand} {type}",
+    "{brand} {gender_adj} {type}",
+    "{colour} {usage} {type}",
+    "{type} for {gender_noun}",
+    "{brand} {colour} {type}",
+    "{title}",
+)
+
+
+def brand_of(title: str) -> str:
+    """The words before the gender word ("Puma Men's Shoes" -> "Puma"), else the first word."""
+    words = title.split()
+    for i, word in enumerate(words):
+        if word.lower() in GENDER_WORDS and i > 0:
+            return " ".join(words[:i])
+    return words[0] if words else ""
+
+
+def type_phrase(article_type: str, rng: random.Random) -> str:
+    """"Casual Shoes" -> "casual shoes" or, sometimes, the singular "casual shoe"."""
+    phrase = article_type.lower()
+    if rng.random() < 0.4 and phrase.endswith("s") and not phrase.endswith("ss"):
+        phrase = phrase[:-1]
+    return phrase
+
+
+@dataclass(frozen=True)
+class Query:
+    text: str
+    product_id: str  # the product it was written from (always relevant)
+    constraints: tuple[tuple[str, str], ...]  # (attribute, value); "title" means a title substring
+
+    def matches(self, product: Mapping[str, str]) -> bool:
+        for attr, value in self.constraints:
+            if attr == "title":
+                if value not in product.get("title", "").lower():
+                    return False
+            elif product.get(attr, "").lower() != value:
+                return False
+        return True
+
+
+def product_attributes(row: Mapping) -> dict[str, str]:
+    """The attributes a query can name, lowercase-comparable, from a catalog row."""
+    attrs = {k: str(row.get(k) or "") for k in ("base_colour", "article_type", "gender", "usage")}
+    attrs["title"] = str(row.get("title") or "")
+    attrs["brand"] = brand_of(attrs["title"])
+    return attrs
+
+
+def _title_span(title: str, rng: random.Random) -> str:
+    words = re.findall(r"[\w'&-]+", title.lower())
+    if len(words) <= 2:
+        return " ".join(words)
+    n = rng.randint(2, min(4, len(words)))
+    start = rng.randint(0, len(words) - n)
+    return " ".join(words[start:start + n])
+
+
+def render(template: str, attrs: Mapping[str, str], product_id: str, rng: random.Random) -> Query | None:
+    """Fill a template from a product's attributes, or None when an attribute it needs is empty."""
+    values, constraints = {}, []
+    for name in re.findall(r"{(\w+)}", template):
+        attr = PLACEHOLDERS[name]
+        raw = attrs.get(attr, "")
+        if not raw:
+            return None
+        if name == "type":
+            values[name] = type_phrase(raw, rng)
+        elif name == "gender_adj":
+            values[name] = GENDER_ADJ.get(raw)
+        elif name == "gender_noun":
+            values[name] = GENDER_NOUN.get(raw)
+        elif name == "title":
+            values[name] = _title_span(raw, rng)
+        else:
+            values[name] = raw.lower()
+        if not values[name]:
+            return None
+        constraints.append((attr, values[name] if attr == "title" else raw.lower()))
+    text = " ".join(template.format(**values).split())
+    return Query(text=text, product_id=product_id, constraints=tuple(sorted(set(constraints))))
+
+
+def generate_query(attrs: Mapping[str, str], product_id: str, rng: random.Random,
+                   templates: Sequence[str] = TRAIN_TEMPLATES) -> Query:
+    """One query for one product; falls back to a title span when attributes are missing."""
+    order = list(templates)
+    rng.shuffle(order)
+    for template in [*order, "{title}"]:
+        query = render(template, attrs, product_id, rng)
+        if query is not None:
+            return query
+    return Query(text=attrs.get("title", "").lower(), product_id=product_id, constraints=())
+
+
+def generate_queries(rows: Sequence[Mapping], seed: int, per_product: int = 1,
+                     templates: Sequence[str] = TRAIN_TEMPLATES) -> list[Query]:
+    """Deterministic queries for a list of catalog rows, deduplicated by text."""
+    rng = random.Random(seed)
+    seen, out = set(), []
+    for row in rows:
+        attrs = product_attributes(row)
+        for _ in range(per_product):
+            query = generate_query(attrs, str(row["product_id"]), rng, templates)
+            if query.text and query.text not in seen:
+                seen.add(query.text)
+                out.append(query)
+    return out
+
+
+def relevant_ids(query: Query, products: Sequence[Mapping[str, str]], ids: Sequence[str]) -> list[str]:
+    """Ids of the products (given as attribute dicts) that match every constraint of the query."""
+    found = [pid for pid, attrs in zip(ids, products) if query.matches(attrs)]
+    if query.product_id not in found:
+        found.append(query.product_id)
+    return found
