@@ -25,3 +25,47 @@ def catalog_path() -> Path:
 @pytest.fixture(scope="session")
 def sample_csv() -> Path:
     return SAMPLE_CSV
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A test-tiny checkpoint (real MiniLM weights, one layer trained for a few steps on real rows)."""
+    from training.train import TrainCfg, train
+
+    out = tmp_path_factory.mktemp("ckpt") / "tiny"
+    cfg = TrainCfg(model="test-tiny", catalog=str(CATALOG), limit=200, batch_size=16, max_steps=3,
+                   val_queries=20, eval_at_start=False, out=str(out),
+                   cache_dir=str(tmp_path_factory.mktemp("cache")))
+    return train(cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_repository(tiny_checkpoint, tmp_path_factory) -> Path:
+    """`python -m export` on the tiny checkpoint: ONNX graphs, parity checks, a python-flavour repository."""
+    from export.__main__ import main
+
+    repo = tmp_path_factory.mktemp("repo") / "model_repository"
+    main(["--checkpoint", str(tiny_checkpoint), "--out", str(repo), "--variant", "optimized",
+          "--measure", "fp32,optimized,int8", "--catalog", str(CATALOG), "--parity-rows", "32"])
+    return repo
+
+
+@pytest.fixture(scope="session")
+def triton(tiny_repository, tmp_path_factory):
+    """A real tritonserver serving the tiny repository, on free ports."""
+    from export.serve import TritonServer
+
+    log = tmp_path_factory.mktemp("triton") / "tritonserver.log"
+    server = TritonServer(tiny_repository, http_port=free_port(), grpc_port=free_port(),
+                          metrics_port=free_port(), log_file=log)
+    server.start(timeout_s=180)
+    yield server
+    server.stop()

@@ -93,3 +93,26 @@ def normalize_pixels(pixels: np.ndarray, cfg: dict) -> np.ndarray:
 def image_to_pixels(data: bytes, cfg: dict, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Encoded image bytes -> normalized float32 (3, H, W), exactly as the image tower was trained."""
     return normalize_pixels(resize_image(decode_image(data, max_pixels), cfg), cfg)
+
+
+def load_tokenizer(tokenizer_json: str, max_length: int):
+    """A `tokenizers` fast tokenizer that truncates and pads every text to `max_length` tokens.
+
+    Fixed-length batches are what Triton's dynamic batcher can merge and what TensorRT profiles
+    like; with the attention mask, the padding does not change the embedding.
+    """
+    from tokenizers import Tokenizer  # the Rust tokenizer only: no transformers, no torch
+
+    tokenizer = Tokenizer.from_file(tokenizer_json)
+    tokenizer.enable_truncation(max_length=max_length)
+    pad_id = tokenizer.token_to_id("[PAD]") or 0
+    tokenizer.enable_padding(length=max_length, pad_id=pad_id)
+    return tokenizer
+
+
+def tokenize(tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Texts -> (input_ids, attention_mask), int64 (B, max_length)."""
+    encodings = tokenizer.encode_batch(texts)
+    ids = np.asarray([e.ids for e in encodings], dtype=np.int64)
+    mask = np.asarray([e.attention_mask for e in encodings], dtype=np.int64)
+    return ids, mask

@@ -1,0 +1,128 @@
+"""Embeddings from the Triton ensembles (query_encoder, product_encoder, image_encoder).
+
+Only tritonclient and numpy: tokenization and image decoding happen inside Triton. The model and
+tensor names below are the repository's public interface (see model_repository/README.md); the
+embedding width is read from the server, never assumed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+QUERY_ENCODER = "query_encoder"
+PRODUCT_ENCODER = "product_encoder"
+IMAGE_ENCODER = "image_encoder"
+OUTPUT = "EMBEDDING"
+
+
+class EncoderUnavailable(RuntimeError):
+    """Triton cannot be reached, or a model is not ready."""
+
+
+class EncodingError(ValueError):
+    """Triton refused one request (bad image, empty query...): the message says why."""
+
+
+def _protocol_module(protocol: str):
+    if protocol == "grpc":
+        import tritonclient.grpc as module
+    elif protocol == "http":
+        import tritonclient.http as module
+    else:
+        raise ValueError(f"protocol must be 'grpc' or 'http', not {protocol!r}")
+    return module
+
+
+class TritonEncoder:
+    def __init__(self, url: str = "127.0.0.1:8001", protocol: str = "grpc", timeout_s: float = 30.0):
+        self.url, self.protocol, self.timeout_s = url, protocol, timeout_s
+        self.module = _protocol_module(protocol)
+        kwargs = {"network_timeout": timeout_s} if protocol == "http" else {}
+        self.client = self.module.InferenceServerClient(url, **kwargs)
+        self._metadata: dict[str, dict] = {}
+
+    def _unavailable(self, what: str) -> EncoderUnavailable:
+        return EncoderUnavailable(
+            f"{what} at {self.protocol}://{self.url}. Start the server with "
+            "`python -m export.serve --model-repository model_repository` (or `make demo`), "
+            "or pass --triton-url / --protocol to reach yours.")
+
+    def check_ready(self, models: Sequence[str] = (QUERY_ENCODER,)) -> None:
+        try:
+            live = self.client.is_server_live()
+        except Exception as exc:
+            raise self._unavailable(f"Triton is unreachable ({type(exc).__name__})") from None
+        if not live:
+            raise self._unavailable("Triton is not live")
+        for model in models:
+            if not self.client.is_model_ready(model):
+                raise self._unavailable(f"model {model!r} is not ready")
+
+    def metadata(self, model: str) -> dict:
+        if model not in self._metadata:
+            try:
+                meta = self.client.get_model_metadata(model, **({"as_json": True} if self.protocol == "grpc" else {}))
+            except Exception as exc:
+                raise self._unavailable(f"no metadata for model {model!r} ({exc})") from None
+            self._metadata[model] = meta
+        return self._metadata[model]
+
+    def input_names(self, model: str) -> list[str]:
+        return [t["name"] for t in self.metadata(model)["inputs"]]
+
+    @property
+    def embed_dim(self) -> int:
+        output = next(t for t in self.metadata(QUERY_ENCODER)["outputs"] if t["name"] == OUTPUT)
+        return int(output["shape"][-1])
+
+    @property
+    def multimodal(self) -> bool:
+        return "IMAGE" in self.input_names(PRODUCT_ENCODER)
+
+    def infer(self, model: str, inputs: dict[str, Sequence]) -> np.ndarray:
+        tensors = []
+        for name, values in inputs.items():
+            array = np.empty((len(values), 1), dtype=object)
+            for i, v in enumerate(values):
+                array[i, 0] = v if isinstance(v, bytes) else str(v).encode("utf-8")
+            tensor = self.module.InferInput(name, list(array.shape), "BYTES")
+            tensor.set_data_from_numpy(array)
+            tensors.append(tensor)
+        outputs = [self.module.InferRequestedOutput(OUTPUT)]
+        try:
+            kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
+            result = self.client.infer(model, tensors, outputs=outputs, **kwargs)
+        except self.module.InferenceServerException as exc:
+            message = exc.message() if callable(getattr(exc, "message", None)) else str(exc)
+            status = str(exc.status() or "")
+            if any(s in status for s in ("UNAVAILABLE", "DEADLINE", "503")) or "connect" in message.lower():
+                raise self._unavailable(f"Triton failed ({message})") from None
+            raise EncodingError(message) from None
+        except Exception as exc:  # connection refused, reset, timeout
+            raise self._unavailable(f"Triton request failed ({type(exc).__name__}: {exc})") from None
+        return result.as_numpy(OUTPUT)
+
+    def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
+        if any(not t or not t.strip() for t in texts):
+            raise EncodingError("empty query: type some words to search for")
+        return self.infer(QUERY_ENCODER, {"QUERY": list(texts)})
+
+    def embed_products(self, titles: Sequence[str], descriptions: Sequence[str],
+                       images: Sequence[bytes | None] | None = None) -> np.ndarray:
+        """Product embeddings; an image of None or b"" is a product without a photo."""
+        inputs = {"TITLE": list(titles), "DESCRIPTION": list(descriptions)}
+        if self.multimodal:
+            inputs["IMAGE"] = [img or b"" for img in (images if images is not None else [None] * len(titles))]
+        return self.infer(PRODUCT_ENCODER, inputs)
+
+    def embed_images(self, images: Sequence[bytes]) -> np.ndarray:
+        if not self.multimodal:
+            raise EncodingError("the served model is text-only: it has no image encoder")
+        if any(not img for img in images):
+            raise EncodingError("empty image")
+        return self.infer(IMAGE_ENCODER, {"IMAGE": list(images)})

@@ -1,0 +1,210 @@
+"""Write a Triton model repository for a checkpoint: tokenizers, image preprocessing, the tower
+graphs, and the ensembles the client calls.
+
+    query_encoder   QUERY (BYTES)                     -> query_tokenizer -> query_tower -> EMBEDDING
+    product_encoder TITLE, DESCRIPTION, IMAGE (BYTES) -> product_tokenizer -> text_tower  \
+                                                      -> image_preprocess -> image_tower -> fusion -> EMBEDDING
+    image_encoder   IMAGE (BYTES)                     -> query_image_preprocess -> image_tower -> image_query_head
+
+Two flavours differ only in how a graph runs: "onnxruntime" (Triton's onnxruntime backend on GPU,
+TensorRT accelerator, the NGC image) and "python" (the same model.onnx run by ONNX Runtime inside
+a Python-backend model, on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from training import preprocess as preprocess_module
+
+from .graphs import GraphSpec, TensorSpec
+
+TRITON_MODELS = Path(__file__).parent / "triton_models"
+BACKENDS = ("python", "onnxruntime")
+EMBEDDING = "EMBEDDING"  # every ensemble's output
+
+
+@dataclass
+class ServingCfg:
+    """Batching and instance settings (chosen by measurement: see bench/ and the README)."""
+
+    max_batch_size: int = 64
+    tower_instances: int = 1
+    preprocess_instances: int = 1
+    intra_op_threads: int = 0  # python flavour: ONNX Runtime threads per tower instance
+    query_queue_delay_us: int = 500
+    product_queue_delay_us: int = 2000
+    preferred_batch_sizes: tuple[int, ...] = (8, 16, 32)
+    max_image_bytes: int = 10 * 1024 * 1024
+    max_image_pixels: int = preprocess_module.DEFAULT_MAX_PIXELS
+    trt_fp16: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def _dims(t: TensorSpec) -> str:
+    return "[ " + ", ".join(str(d) for d in t.dims) + " ]"
+
+
+def _io(kind: str, tensors) -> str:
+    body = ",\n".join(f'  {{\n    name: "{t.name}"\n    data_type: {t.dtype}\n    dims: {_dims(t)}\n  }}'
+                      for t in tensors)
+    return f"{kind} [\n{body}\n]\n"
+
+
+def _params(params: dict[str, str]) -> str:
+    return "".join(f'parameters {{\n  key: "{k}"\n  value: {{ string_value: {json.dumps(str(v))} }}\n}}\n'
+                   for k, v in params.items())
+
+
+def _batching(delay_us: int, preferred: tuple[int, ...], max_batch: int) -> str:
+    sizes = ", ".join(str(s) for s in preferred if s <= max_batch)
+    return (f"dynamic_batching {{\n  preferred_batch_size: [ {sizes} ]\n"
+            f"  max_queue_delay_microseconds: {delay_us}\n}}\n")
+
+
+def _config(name: str, header: str, inputs, outputs, serving: ServingCfg, kind: str, count: int,
+            delay_us: int | None, params: dict[str, str] | None = None, extra: str = "") -> str:
+    text = f'name: "{name}"\n{header}max_batch_size: {serving.max_batch_size}\n'
+    text += _io("input", inputs) + _io("output", outputs)
+    text += f"instance_group [\n  {{\n    count: {count}\n    kind: {kind}\n  }}\n]\n"
+    if delay_us is not None:
+        text += _batching(delay_us, serving.preferred_batch_sizes, serving.max_batch_size)
+    return text + _params(params or {}) + extra
+
+
+def _write(repo: Path, name: str, config: str, files: dict[str, Path] | None = None) -> None:
+    version = repo / name / "1"
+    version.mkdir(parents=True, exist_ok=True)
+    (repo / name / "config.pbtxt").write_text(config)
+    for dst, src in (files or {}).items():
+        if src.is_dir():
+            shutil.copytree(src, version / dst, dirs_exist_ok=True)
+        else:
+            shutil.copyfile(src, version / dst)
+    if not files:
+        (version / ".gitkeep").touch()  # an ensemble's version folder is empty
+
+
+def _trt_accelerator(serving: ServingCfg, name: str) -> str:
+    precision = "FP16" if serving.trt_fp16 else "FP32"
+    return (
+        "optimization {\n  execution_accelerators {\n    gpu_execution_accelerator : [ {\n"
+        '      name : "tensorrt"\n'
+        f'      parameters {{ key: "precision_mode" value: "{precision}" }}\n'
+        '      parameters { key: "max_workspace_size_bytes" value: "2147483648" }\n'
+        '      parameters { key: "trt_engine_cache_enable" value: "true" }\n'
+        f'      parameters {{ key: "trt_engine_cache_path" value: "/tmp/trt_cache/{name}" }}\n'
+        "    } ]\n  }\n}\n"
+    )
+
+
+def _tower(repo: Path, spec: GraphSpec, graph: Path, backend: str, serving: ServingCfg, delay_us: int) -> None:
+    files = {"model.onnx": graph}
+    if graph.with_suffix(".onnx.data").exists():
+        files[graph.name + ".data"] = graph.with_suffix(".onnx.data")
+    if backend == "python":
+        files["model.py"] = TRITON_MODELS / "onnx_runner.py"
+        config = _config(spec.name, 'backend: "python"\n', spec.inputs, spec.outputs, serving, "KIND_CPU",
+                         serving.tower_instances, delay_us, {"intra_op_threads": serving.intra_op_threads})
+    else:
+        config = _config(spec.name, 'platform: "onnxruntime_onnx"\n', spec.inputs, spec.outputs, serving,
+                         "KIND_GPU", serving.tower_instances, delay_us, extra=_trt_accelerator(serving, spec.name))
+    _write(repo, spec.name, config, files)
+
+
+def _ensemble(repo: Path, name: str, inputs, steps: list[tuple[str, dict, dict]], out_dim: int,
+              serving: ServingCfg) -> None:
+    text = f'name: "{name}"\nplatform: "ensemble"\nmax_batch_size: {serving.max_batch_size}\n'
+    text += _io("input", inputs) + _io("output", [TensorSpec(EMBEDDING, "TYPE_FP32", (out_dim,))])
+    text += "ensemble_scheduling {\n  step [\n"
+    rendered = []
+    for model, input_map, output_map in steps:
+        s = f'    {{\n      model_name: "{model}"\n      model_version: -1\n'
+        s += "".join(f'      input_map {{ key: "{k}" value: "{v}" }}\n' for k, v in input_map.items())
+        s += "".join(f'      output_map {{ key: "{k}" value: "{v}" }}\n' for k, v in output_map.items())
+        rendered.append(s + "    }")
+    text += ",\n".join(rendered) + "\n  ]\n}\n"
+    _write(repo, name, text)
+
+
+def write_repository(repo: Path, checkpoint: Path, specs: dict[str, GraphSpec], graphs_dir: Path,
+                     backend: str, serving: ServingCfg | None = None) -> list[str]:
+    """Write every model of the repository; returns the model names."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: expected one of {BACKENDS}")
+    serving = serving or ServingCfg()
+    config = json.loads((checkpoint / "config.json").read_text())
+    pre, model_cfg = config["preprocess_cfg"], config["model_cfg"]
+    dim = model_cfg["embed_dim"]
+    repo.mkdir(parents=True, exist_ok=True)
+    tokenizer_json = checkpoint / pre["tokenizer_dir"] / "tokenizer.json"
+    text_files = {"model.py": TRITON_MODELS / "tokenizer.py", "tokenizer.json": tokenizer_json,
+                  "preprocess.py": Path(preprocess_module.__file__)}
+    string = "TYPE_STRING"
+    ids = (TensorSpec("input_ids", "TYPE_INT64", (pre["query_max_length"],)),
+           TensorSpec("attention_mask", "TYPE_INT64", (pre["query_max_length"],)))
+    _write(repo, "query_tokenizer", _config(
+        "query_tokenizer", 'backend: "python"\n', [TensorSpec("QUERY", string, (1,))], ids, serving, "KIND_CPU",
+        serving.preprocess_instances, serving.query_queue_delay_us,
+        {"tokenizer_file": "tokenizer.json", "max_length": pre["query_max_length"], "text_inputs": "QUERY"}),
+        text_files)
+    product_ids = (TensorSpec("input_ids", "TYPE_INT64", (pre["max_length"],)),
+                   TensorSpec("attention_mask", "TYPE_INT64", (pre["max_length"],)),
+                   TensorSpec("text_mask", "TYPE_FP32", (1,)))
+    text_inputs = [TensorSpec("TITLE", string, (1,)), TensorSpec("DESCRIPTION", string, (1,))]
+    _write(repo, "product_tokenizer", _config(
+        "product_tokenizer", 'backend: "python"\n', text_inputs, product_ids, serving, "KIND_CPU",
+        serving.preprocess_instances, serving.product_queue_delay_us,
+        {"tokenizer_file": "tokenizer.json", "max_length": pre["max_length"], "text_inputs": "TITLE,DESCRIPTION"}),
+        text_files)
+    for name, spec in specs.items():
+        delay = serving.query_queue_delay_us if name == "query_tower" else serving.product_queue_delay_us
+        _tower(repo, spec, graphs_dir / f"{name}.onnx", backend, serving, delay)
+
+    _ensemble(repo, "query_encoder", [TensorSpec("QUERY", string, (1,))], [
+        ("query_tokenizer", {"QUERY": "QUERY"}, {"input_ids": "q_input_ids", "attention_mask": "q_attention_mask"}),
+        ("query_tower", {"input_ids": "q_input_ids", "attention_mask": "q_attention_mask"},
+         {"query_embedding": EMBEDDING}),
+    ], dim, serving)
+
+    text_steps = [
+        ("product_tokenizer", {"TITLE": "TITLE", "DESCRIPTION": "DESCRIPTION"},
+         {"input_ids": "p_input_ids", "attention_mask": "p_attention_mask", "text_mask": "text_mask"}),
+        ("text_tower", {"input_ids": "p_input_ids", "attention_mask": "p_attention_mask"},
+         {"text_embedding": EMBEDDING if "fusion" not in specs else "text_embedding"}),
+    ]
+    if "fusion" not in specs:  # text-only model: the product embedding is the text tower's
+        text_steps[0][2].pop("text_mask")
+        _ensemble(repo, "product_encoder", text_inputs, text_steps, dim, serving)
+        return sorted(p.parent.name for p in repo.glob("*/config.pbtxt"))
+
+    image = pre["image"]
+    pixels = TensorSpec("pixel_values", "TYPE_FP32", (3, image["image_size"], image["image_size"]))
+    image_params = {"preprocess_cfg": json.dumps(image), "max_pixels": serving.max_image_pixels,
+                    "max_bytes": serving.max_image_bytes}
+    image_files = {"model.py": TRITON_MODELS / "image_preprocess.py",
+                   "preprocess.py": Path(preprocess_module.__file__)}
+    for name, allow_missing, outputs in (
+            ("image_preprocess", "true", (pixels, TensorSpec("image_mask", "TYPE_FP32", (1,)))),
+            ("query_image_preprocess", "false", (pixels,))):
+        _write(repo, name, _config(
+            name, 'backend: "python"\n', [TensorSpec("IMAGE", string, (1,))], outputs, serving, "KIND_CPU",
+            serving.preprocess_instances, serving.product_queue_delay_us,
+            {**image_params, "allow_missing": allow_missing}), image_files)
+
+    _ensemble(repo, "product_encoder", [*text_inputs, TensorSpec("IMAGE", string, (1,))], [
+        *text_steps,
+        ("image_preprocess", {"IMAGE": "IMAGE"}, {"pixel_values": "pixel_values", "image_mask": "image_mask"}),
+        ("image_tower", {"pixel_values": "pixel_values"}, {"image_embedding": "image_embedding"}),
+        ("fusion", {"text_embedding": "text_embedding", "image_embedding": "image_embedding",
+                    "text_mask": "text_mask", "image_mask": "image_mask"}, {"product_embedding": EMBEDDING}),
+    ], dim, serving)
+    _ensemble(repo, "image_encoder", [TensorSpec("IMAGE", string, (1,))], [
+        ("query_image_preprocess", {"IMAGE": "IMAGE"}, {"pixel_values": "q_pixel_values"}),
+        ("image_tower", {"pixel_values": "q_pixel_values"}, {"image_embedding": "q_image_embedding"}),
+        ("image_query_head", {"image_embedding": "q_image_embedding"}, {"image_query_embedding": EMBEDDING}),
+    ], dim, serving)
+    return sorted(p.parent.name for p in repo.glob("*/config.pbtxt"))

@@ -1,0 +1,93 @@
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from export.__main__ import REPORT_FILE
+from export.graphs import graph_specs
+from export.parity import FP32_TOLERANCE
+from export.repository import ServingCfg, write_repository
+from export.validate import load_configs, validate_repository
+from training.factory import get_model_config
+
+
+def test_fp32_graphs_match_pytorch_on_real_rows(tiny_repository):
+    report = json.loads((tiny_repository / REPORT_FILE).read_text())
+    assert set(report["parity_fp32"]) == {"query_tower", "text_tower", "image_tower", "fusion", "image_query_head"}
+    for name, parity in report["parity_fp32"].items():
+        assert parity["max_abs"] <= FP32_TOLERANCE["max_abs"], name
+        assert parity["min_cosine"] >= FP32_TOLERANCE["min_cosine"], name
+    variants = report["variants"]
+    assert variants["fp32"]["mean_cosine"] > 0.9999 and variants["fp32"]["top10_overlap"] > 0.99
+    assert variants["optimized"]["mean_cosine"] > 0.9999
+    assert 0.5 < variants["int8"]["mean_cosine"] < 1.0  # measured, and lossy as expected
+    assert report["variant"] == "optimized"
+
+
+def test_graphs_have_named_io_and_dynamic_batch_and_sequence_axes(tiny_checkpoint):
+    graph = onnx.load(str(tiny_checkpoint / "onnx" / "fp32" / "query_tower.onnx"), load_external_data=False).graph
+    assert [i.name for i in graph.input] == ["input_ids", "attention_mask"]
+    assert [o.name for o in graph.output] == ["query_embedding"]
+    dims = graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param == "batch" and dims[1].dim_param == "sequence"
+    image = onnx.load(str(tiny_checkpoint / "onnx" / "fp32" / "image_tower.onnx"), load_external_data=False).graph
+    assert image.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+
+
+def test_repository_configs_match_the_onnx_graphs_and_ensembles_are_consistent(tiny_repository):
+    assert validate_repository(tiny_repository) == []
+    configs = load_configs(tiny_repository)
+    assert {"query_encoder", "product_encoder", "image_encoder"} <= set(configs)
+    embed_dim = get_model_config(json.loads((tiny_repository / REPORT_FILE).read_text())["checkpoint"]).embed_dim
+    for name in ("query_encoder", "product_encoder", "image_encoder"):
+        assert list(configs[name].output[0].dims) == [embed_dim]
+    tokenizer = configs["query_tokenizer"]
+    assert tokenizer.instance_group[0].kind == tokenizer.instance_group[0].KIND_CPU
+    assert int(tokenizer.parameters["max_length"].string_value) == 16
+    assert configs["text_tower"].dynamic_batching.max_queue_delay_microseconds > 0
+
+
+def test_gpu_flavour_uses_onnxruntime_with_tensorrt_and_validates(tiny_checkpoint, tmp_path):
+    report = json.loads((tiny_checkpoint / "config.json").read_text())
+    specs = graph_specs(get_model_config(tiny_checkpoint), report["preprocess_cfg"]["image"]["image_size"])
+    repo = tmp_path / "gpu_repository"
+    write_repository(repo, tiny_checkpoint, specs, tiny_checkpoint / "onnx" / "fp32", "onnxruntime", ServingCfg())
+    assert validate_repository(repo) == []
+    tower = load_configs(repo)["text_tower"]
+    assert tower.platform == "onnxruntime_onnx"
+    assert tower.instance_group[0].kind == tower.instance_group[0].KIND_GPU
+    accelerator = tower.optimization.execution_accelerators.gpu_execution_accelerator[0]
+    assert accelerator.name == "tensorrt" and accelerator.parameters["precision_mode"] == "FP16"
+    assert load_configs(repo)["query_tokenizer"].backend == "python"
+
+
+def test_validation_catches_a_renamed_tensor(tiny_repository, tmp_path):
+    import shutil
+
+    repo = tmp_path / "broken"
+    shutil.copytree(tiny_repository, repo)
+    config = repo / "fusion" / "config.pbtxt"
+    config.write_text(config.read_text().replace('"image_mask"', '"img_mask"'))
+    problems = validate_repository(repo)
+    assert any("fusion" in p and "img_mask" in p for p in problems), problems
+
+
+def test_tokenizer_used_by_triton_matches_the_training_tokenizer(tiny_checkpoint):
+    from training.factory import create_tokenizer
+    from training.preprocess import load_tokenizer, tokenize
+
+    texts = ["Puma Men's Black T-shirt", "", "a " * 100]
+    ids, mask = tokenize(load_tokenizer(str(tiny_checkpoint / "tokenizer" / "tokenizer.json"), 16), texts)
+    hf = create_tokenizer(tiny_checkpoint)(texts, padding="max_length", truncation=True, max_length=16)
+    np.testing.assert_array_equal(ids, np.asarray(hf["input_ids"]))
+    np.testing.assert_array_equal(mask, np.asarray(hf["attention_mask"]))
+
+
+@pytest.mark.parametrize("flag", ["--checkpoint", "--backend", "--variant", "--parity-rows", "--intra-op-threads"])
+def test_export_cli_documents_its_flags(flag, capsys):
+    from export.__main__ import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    assert flag in capsys.readouterr().out

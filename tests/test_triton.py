@@ -1,0 +1,143 @@
+"""Against a real tritonserver serving the exported tiny towers, over HTTP and gRPC."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from client.encoder import EncoderUnavailable, EncodingError, TritonEncoder
+from training.catalog import read_catalog
+from training.encode import tokenize
+from training.factory import create_model, create_tokenizer, load_checkpoint_config
+from training.preprocess import image_to_pixels, product_text
+
+pytestmark = pytest.mark.server
+
+
+@pytest.fixture(scope="module")
+def rows(catalog_path):
+    df, _ = read_catalog(catalog_path, limit=12)
+    return df
+
+
+@pytest.fixture(scope="module")
+def torch_model(tiny_checkpoint):
+    return create_model(tiny_checkpoint).eval(), create_tokenizer(tiny_checkpoint), \
+        load_checkpoint_config(tiny_checkpoint)["preprocess_cfg"]
+
+
+@pytest.fixture(params=["http", "grpc"])
+def encoder(request, triton):
+    url = triton.http_url if request.param == "http" else triton.grpc_url
+    return TritonEncoder(url, protocol=request.param)
+
+
+def _cos(a, b):
+    a = a / np.linalg.norm(a, axis=-1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=-1, keepdims=True)
+    return (a * b).sum(-1)
+
+
+@torch.no_grad()
+def _torch_products(torch_model, rows, image_mask):
+    model, tokenizer, pre = torch_model
+    texts = [product_text(t, d) for t, d in zip(rows.title, rows.description)]
+    batch = tokenize(tokenizer, texts, pre["max_length"])
+    pixels = torch.from_numpy(np.stack([image_to_pixels(b, pre["image"]) for b in rows.image]))
+    return model.encode_product(**batch, pixel_values=pixels, image_mask=torch.tensor(image_mask)).numpy()
+
+
+def test_query_ensemble_equals_the_pytorch_tower(encoder, torch_model):
+    model, tokenizer, pre = torch_model
+    queries = ["women's red kurta", "puma running shoes", "black leather wallet for men"]
+    with torch.no_grad():
+        expected = model.encode_query(**tokenize(tokenizer, queries, pre["query_max_length"])).numpy()
+    got = encoder.embed_queries(queries)
+    assert got.shape == (3, model.cfg.embed_dim) == (3, encoder.embed_dim)
+    assert _cos(got, expected).min() > 0.999
+
+
+def test_product_ensemble_equals_the_pytorch_towers_with_and_without_images(encoder, torch_model, rows):
+    images = [bytes(b) for b in rows.image]
+    got = encoder.embed_products(rows.title.tolist(), rows.description.tolist(), images)
+    assert _cos(got, _torch_products(torch_model, rows, [1.0] * len(rows))).min() > 0.999
+    missing = encoder.embed_products(rows.title.tolist(), rows.description.tolist(), [None] * len(rows))
+    assert _cos(missing, _torch_products(torch_model, rows, [0.0] * len(rows))).min() > 0.999
+    assert _cos(missing, got).max() < 0.9999  # the image really counts
+
+
+def test_image_queries_land_next_to_their_product(encoder, torch_model, rows):
+    images = [bytes(b) for b in rows.image]
+    image_emb = encoder.embed_images(images)
+    product_emb = encoder.embed_products(rows.title.tolist(), rows.description.tolist(), images)
+    model, _, pre = torch_model
+    pixels = torch.from_numpy(np.stack([image_to_pixels(b, pre["image"]) for b in images]))
+    with torch.no_grad():
+        part = model.encode_image(pixels)
+        n = len(images)
+        expected = model.fuse(torch.zeros_like(part), part, torch.zeros(n), torch.ones(n)).numpy()
+    assert _cos(image_emb, expected).min() > 0.999
+    assert (np.argmax(image_emb @ product_emb.T, axis=1) == np.arange(n)).mean() > 0.8
+
+
+def test_a_bad_image_is_a_clear_error_and_the_server_keeps_serving(encoder, rows):
+    with pytest.raises(EncodingError, match="bad image: not a decodable image"):
+        encoder.embed_products(["Red Shirt"], ["Apparel"], [b"\x89PNG but not really"])
+    truncated = bytes(rows.image[0])[:200]
+    with pytest.raises(EncodingError, match="bad image"):
+        encoder.embed_images([truncated])
+    assert encoder.embed_products(["Red Shirt"], ["Apparel"], [bytes(rows.image[0])]).shape[0] == 1
+
+
+def test_empty_query_is_refused_by_server_and_client(encoder):
+    with pytest.raises(EncodingError, match="empty query"):
+        encoder.embed_queries(["   "])
+    with pytest.raises(EncodingError, match="empty query"):
+        encoder.infer("query_encoder", {"QUERY": [""]})  # straight to the server
+
+
+def test_an_over_long_query_is_truncated_not_refused(encoder):
+    head = "red cotton kurta for women with golden embroidery and mirror work"
+    long_query = head + " and more words" * 5000  # ~80k characters
+    long_emb, head_emb = encoder.embed_queries([long_query]), encoder.embed_queries([head + " and more words" * 3])
+    assert _cos(long_emb, head_emb)[0] > 0.9999  # only the first query_max_length tokens count
+
+
+def test_concurrent_requests_are_batched(triton):
+    import tritonclient.http as http
+
+    encoder = TritonEncoder(triton.grpc_url, protocol="grpc")
+    stats = http.InferenceServerClient(triton.http_url)
+
+    def counts():
+        s = stats.get_inference_statistics("query_tower")["model_stats"][0]
+        return s["inference_count"], s["execution_count"]
+
+    before = counts()
+    errors = []
+
+    def worker(i):
+        try:
+            for j in range(5):
+                encoder.embed_queries([f"query {i} {j} blue jeans"])
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    after = counts()
+    inferences, executions = after[0] - before[0], after[1] - before[1]
+    assert not errors and inferences == 80
+    assert executions < inferences, (inferences, executions)  # requests shared executions
+
+
+def test_unreachable_server_says_where_and_what_to_run():
+    from tests.conftest import free_port
+
+    encoder = TritonEncoder(f"127.0.0.1:{free_port()}", protocol="http", timeout_s=2)
+    with pytest.raises(EncoderUnavailable, match="python -m export.serve"):
+        encoder.check_ready()
