@@ -39,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated variants to build and measure against PyTorch")
     p.add_argument("--catalog", default=DEFAULT_CATALOG, help="catalog whose real rows drive the parity checks")
     p.add_argument("--parity-rows", type=int, default=64, help="catalog rows used for parity and quality checks")
-    p.add_argument("--max-batch-size", type=int, default=ServingCfg.max_batch_size, help="max_batch_size of every model")
+    p.add_argument("--max-batch-size", type=int, default=ServingCfg.max_batch_size,
+                   help="max_batch_size of every model")
     p.add_argument("--tower-instances", type=int, default=ServingCfg.tower_instances,
                    help="instances of each tower model")
     p.add_argument("--intra-op-threads", type=int, default=ServingCfg.intra_op_threads,
@@ -107,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
         measure.append(variant)
     if variant == "auto" and "int8" not in measure:
         measure.append("int8")
-    report, specs = export_onnx(checkpoint, measure, args.catalog, args.parity_rows, ColumnMap.from_args(args), args.force)
+    report, specs = export_onnx(checkpoint, measure, args.catalog, args.parity_rows,
+                                ColumnMap.from_args(args), args.force)
     report["variant"] = choose_variant(variant, args.backend, report)
     report["backend"] = args.backend
     if not report["variants"].get(report["variant"], {}).get("meets_bound") and args.variant == "auto":
@@ -123,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
                                         args.backend, serving)
     report["serving"] = {k: v for k, v in vars(serving).items() if k != "extra"}
     previous.write_text(json.dumps(report, indent=2) + "\n")
-    logger.info("wrote %s (%s backend, %s graphs): %s", out, args.backend, report["variant"], ", ".join(report["models"]))
+    logger.info("wrote %s (%s backend, %s graphs): %s", out, args.backend, report["variant"],
+                ", ".join(report["models"]))
 
 
 if __name__ == "__main__":

@@ -47,7 +47,8 @@ class TritonPythonModel:
             try:
                 results = [self._pixels(bytes(b) if b is not None else b"") for b in images]
             except self.pre.ImageError as exc:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"bad image: {exc}", pb_utils.TritonError.INVALID_ARG)))
+                error = pb_utils.TritonError(f"bad image: {exc}", pb_utils.TritonError.INVALID_ARG)
+                responses.append(pb_utils.InferenceResponse(error=error))
                 continue
             out = [pb_utils.Tensor("pixel_values", np.stack([p for p, _ in results]))]
             if self.with_mask:

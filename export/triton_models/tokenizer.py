@@ -62,7 +62,8 @@ class TritonPythonModel:
         responses, start = [], 0
         for i, n in enumerate(counts):
             if i in errors:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(errors[i], pb_utils.TritonError.INVALID_ARG)))
+                error = pb_utils.TritonError(errors[i], pb_utils.TritonError.INVALID_ARG)
+                responses.append(pb_utils.InferenceResponse(error=error))
                 continue
             out = [pb_utils.Tensor("input_ids", ids[start:start + n].astype(self.ids_dtype)),
                    pb_utils.Tensor("attention_mask", mask[start:start + n].astype(self.ids_dtype))]
