@@ -11,9 +11,8 @@ import logging
 import shutil
 from pathlib import Path
 
-from training.catalog import ColumnMap
+from training.catalog import DEFAULT_CATALOG, ColumnMap
 from training.factory import create_model, create_tokenizer, load_checkpoint_config
-from training.train import DEFAULT_CATALOG
 
 from .graphs import export_graph, graph_specs
 from .parity import Rows, graph_parity, pipeline_quality, torch_reference

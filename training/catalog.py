@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 ATTRIBUTES = ("master_category", "sub_category", "article_type", "base_colour", "usage", "gender")
 IMAGE_COLUMN_CANDIDATES = ("image", "image_url", "image_path", "img", "imageURL")
+# The real catalog this project is developed on, beside the repository (see ../shared/data/README.md).
+DEFAULT_CATALOG = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion" / "catalog.parquet")
 DEFAULT_CACHE_DIR = Path(os.environ.get("MMSEARCH_CACHE", Path.home() / ".cache" / "mmsearch"))
 
 

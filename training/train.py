@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .catalog import ColumnMap, read_catalog
+from .catalog import DEFAULT_CATALOG, ColumnMap, read_catalog
 from .data import ProductSet, build_product_set, split_indices
 from .encode import embed_products, embed_queries, pixel_tensor, tokenize
 from .factory import create_model, create_tokenizer, get_model_config, list_models, preprocess_config, save_checkpoint
@@ -34,7 +34,6 @@ from .queries import Query, generate_queries, generate_query, relevant_ids
 
 logger = logging.getLogger("training")
 
-DEFAULT_CATALOG = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion" / "catalog.parquet")
 STATE_FILE = "training_state.pt"
 LOG_FILE = "train_log.jsonl"  # one line of losses per step
 
@@ -235,6 +234,9 @@ def train(cfg: TrainCfg, columns: ColumnMap | None = None) -> Path:
     out = Path(cfg.out)
     state_file = out / STATE_FILE
     resuming = state_file.is_file()
+    if resuming and torch.load(state_file, weights_only=False).get("finished"):
+        logger.info("%s is already trained (delete it, or pick another --out, to train again)", out)
+        return out
     source = str(out) if resuming else cfg.model
     model_cfg = get_model_config(source)
     image_cfg = preprocess_config(model_cfg)["image"]
@@ -277,12 +279,12 @@ def train(cfg: TrainCfg, columns: ColumnMap | None = None) -> Path:
         history.append({"step": 0, "epoch": 0, **metrics})
         logger.info("untrained: %s", _fmt(metrics))
 
-    def save() -> None:
+    def save(finished: bool = False) -> None:
         save_checkpoint(model, tokenizer, out, train_cfg=asdict(cfg), history=history,
                         catalog_report=report.summary())
         tmp = state_file.with_suffix(".tmp")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "step": step, "history": history}, tmp)
+                    "step": step, "history": history, "finished": finished}, tmp)
         tmp.replace(state_file)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -316,10 +318,10 @@ def train(cfg: TrainCfg, columns: ColumnMap | None = None) -> Path:
                             "seconds": round(time.time() - started, 1), **metrics})
             logger.info("step %d: %s", step, _fmt(metrics))
         if epoch_end or step % cfg.save_every == 0:
-            save()
+            save(finished=step == scheduled)
     bar.close()
     if not state_file.is_file():
-        save()  # nothing to train (resumed a finished run, or max_steps reached)
+        save(finished=step == scheduled)
     return out
 
 

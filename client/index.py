@@ -1,0 +1,226 @@
+"""Index a catalog: product embeddings from Triton's product_encoder, upserted into Milvus.
+
+    python client/index.py --catalog ../shared/data/fashion/catalog.parquet
+    python client/index.py --catalog products.csv --milvus-uri http://milvus:19530 --image-col image_url
+
+Re-running indexes nothing twice: products already in the collection are skipped (an interrupted
+run resumes where it stopped) and writes are upserts by product id. A product whose image is
+missing or broken is indexed from its text, and counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: python client/index.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tqdm import tqdm
+
+from client import store
+from client.encoder import EncoderUnavailable, EncodingError, TritonEncoder
+from training.catalog import DEFAULT_CATALOG, CatalogError, ColumnMap, ImageFetcher, read_catalog
+
+logger = logging.getLogger("client.index")
+
+
+@dataclass
+class IndexReport:
+    catalog_rows: int = 0
+    indexed: int = 0
+    skipped: int = 0  # already in the collection
+    text_only: list[tuple[str, str]] = field(default_factory=list)  # (id, why the image was not used)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (id, error)
+    malformed_rows: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        rate = self.indexed / self.seconds if self.seconds else 0.0
+        return (f"indexed {self.indexed}, skipped {self.skipped} (already indexed), failed {len(self.failed)}; "
+                f"{len(self.text_only)} indexed text-only (image missing or broken); "
+                f"{self.malformed_rows} malformed catalog rows; {self.seconds:.1f}s ({rate:.1f} products/s)")
+
+
+class Indexer:
+    def __init__(self, triton_url: str, protocol: str, client, collection: str, batch_size: int = 16,
+                 concurrency: int = 4, retries: int = 3, backoff_s: float = 1.0, timeout_s: float = 60.0):
+        self.triton_url, self.protocol, self.timeout_s = triton_url, protocol, timeout_s
+        self.client, self.collection = client, collection
+        self.batch_size, self.concurrency = batch_size, concurrency
+        self.retries, self.backoff_s = retries, backoff_s
+        self._local = threading.local()
+
+    def encoder(self) -> TritonEncoder:
+        if not hasattr(self._local, "encoder"):  # one connection per worker thread
+            self._local.encoder = TritonEncoder(self.triton_url, self.protocol, self.timeout_s)
+        return self._local.encoder
+
+    def _with_retries(self, fn, *args):
+        for attempt in range(self.retries + 1):
+            try:
+                return fn(*args)
+            except EncoderUnavailable:
+                if attempt == self.retries:
+                    raise
+                delay = self.backoff_s * 2 ** attempt
+                logger.warning("Triton unavailable, retrying in %.1fs (%d/%d)", delay, attempt + 1, self.retries)
+                time.sleep(delay)
+
+    def embed_batch(self, rows: list[dict], images: list[bytes | None]):
+        """(rows, vectors, text_only, failed) for one batch; bad images are retried text-only."""
+        enc = self.encoder()
+        titles = [r["title"] for r in rows]
+        descriptions = [r["description"] for r in rows]
+        try:
+            vectors = self._with_retries(enc.embed_products, titles, descriptions, images)
+            return rows, list(vectors), [], []
+        except EncodingError:
+            pass  # someone in the batch is bad: find out who, one by one
+        kept, vectors, text_only, failed = [], [], [], []
+        for row, title, desc, image in zip(rows, titles, descriptions, images):
+            try:
+                vectors.append(self._with_retries(enc.embed_products, [title], [desc], [image])[0])
+                kept.append(row)
+            except EncodingError as exc:
+                try:
+                    vectors.append(self._with_retries(enc.embed_products, [title], [desc], [None])[0])
+                    kept.append(row)
+                    text_only.append((row[store.ID], str(exc)))
+                except EncodingError as exc2:
+                    failed.append((row[store.ID], str(exc2)))
+        return kept, vectors, text_only, failed
+
+    def run(self, catalog: str, columns: ColumnMap | None = None, limit: int | None = None,
+            reindex: bool = False, index_type: str = "AUTOINDEX") -> IndexReport:
+        started = time.monotonic()
+        report = IndexReport()
+        df, catalog_report = read_catalog(catalog, columns, limit=limit)
+        catalog_report.log()
+        report.catalog_rows, report.malformed_rows = catalog_report.rows, len(catalog_report.malformed)
+        encoder = self.encoder()
+        encoder.check_ready([m for m in ("product_encoder",)])
+        store.ensure_collection(self.client, encoder.embed_dim, self.collection, index_type)
+        rows = df.to_dict("records")
+        if not reindex:
+            done = store.existing_ids(self.client, [r[store.ID] for r in rows], self.collection)
+            report.skipped = len(done)
+            rows = [r for r in rows if r[store.ID] not in done]
+        fetch = ImageFetcher(base_dir=df.attrs["base_dir"])
+
+        def load_images(batch: list[dict]) -> tuple[list[bytes | None], list[tuple[str, str]]]:
+            images, missing = [], []
+            for r in batch:
+                ref = r.get("image")
+                if not isinstance(ref, (bytes, str)) or not ref:
+                    images.append(None)
+                    missing.append((r[store.ID], "no image"))
+                    continue
+                try:
+                    images.append(fetch(ref))
+                except (OSError, ValueError) as exc:
+                    images.append(None)
+                    missing.append((r[store.ID], f"{type(exc).__name__}: {exc}"))
+            return images, missing
+
+        def job(batch: list[dict]):
+            images, missing = load_images(batch)
+            kept, vectors, text_only, failed = self.embed_batch(batch, images)
+            return kept, vectors, missing + text_only, failed
+
+        batches = [rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+        bar = tqdm(total=len(rows), desc="index", unit="product", mininterval=1)
+        pending: set[Future] = set()
+        buffer: list[dict] = []
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            try:
+                queue = iter(batches)
+                while True:
+                    while len(pending) < 2 * self.concurrency:  # bounded: memory stays flat
+                        batch = next(queue, None)
+                        if batch is None:
+                            break
+                        pending.add(pool.submit(job, batch))
+                    if not pending:
+                        break
+                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        kept, vectors, text_only, failed = future.result()
+                        buffer += [store.make_row(r, v) for r, v in zip(kept, vectors)]
+                        report.text_only += text_only
+                        report.failed += failed
+                        bar.update(len(kept) + len(failed))
+                    if len(buffer) >= 512:
+                        report.indexed += store.upsert(self.client, buffer, self.collection)
+                        buffer = []
+            finally:
+                for future in pending:
+                    future.cancel()
+                # What was embedded is kept: a re-run resumes after it.
+                report.indexed += store.upsert(self.client, buffer, self.collection)
+                bar.close()
+        report.seconds = time.monotonic() - started
+        return report
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python client/index.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--catalog", default=DEFAULT_CATALOG, help="catalog file: .parquet, .csv or .jsonl")
+    p.add_argument("--limit", type=int, default=None, help="index only the first N catalog rows")
+    add_connection_args(p)
+    p.add_argument("--index-type", choices=list(store.INDEX_PARAMS), default="AUTOINDEX",
+                   help="vector index (Milvus Lite supports AUTOINDEX, FLAT and IVF_FLAT; standalone also HNSW)")
+    p.add_argument("--batch-size", type=int, default=16, help="products per Triton request")
+    p.add_argument("--concurrency", type=int, default=4, help="Triton requests in flight")
+    p.add_argument("--retries", type=int, default=3, help="retries (with exponential backoff) when Triton is down")
+    p.add_argument("--reindex", action="store_true", help="embed every product again (upsert replaces them)")
+    p.add_argument("--recreate", action="store_true", help="drop the collection first")
+    ColumnMap.add_arguments(p)
+    return p.parse_args(argv)
+
+
+def add_connection_args(p: argparse.ArgumentParser) -> None:
+    """Triton and Milvus flags shared by index.py and search.py."""
+    p.add_argument("--triton-url", default="127.0.0.1:8001",
+                   help="Triton endpoint, host:port (gRPC port for --protocol grpc, HTTP port for http)")
+    p.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="protocol to talk to Triton")
+    p.add_argument("--milvus-uri", default=store.DEFAULT_URI,
+                   help="Milvus Lite file (path) or a Milvus server (http://host:19530); env MILVUS_URI")
+    p.add_argument("--collection", default=store.COLLECTION, help="Milvus collection")
+    p.add_argument("--token", default=None, help="Milvus token (or env MILVUS_TOKEN); never logged")
+    p.add_argument("--user", default=None, help="Milvus user (or env MILVUS_USER)")
+    p.add_argument("--password", default=None, help="Milvus password (or env MILVUS_PASSWORD); never logged")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    try:
+        client = store.connect(args.milvus_uri, args.token, args.user, args.password)
+        if args.recreate and client.has_collection(args.collection):
+            client.drop_collection(args.collection)
+        indexer = Indexer(args.triton_url, args.protocol, client, args.collection, args.batch_size,
+                          args.concurrency, args.retries)
+        report = indexer.run(args.catalog, ColumnMap.from_args(args), args.limit, args.reindex, args.index_type)
+    except (EncoderUnavailable, store.StoreError, CatalogError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        print("nothing indexed so far is lost: run the same command again to resume", file=sys.stderr)
+        return 2
+    logger.info("%s", report.summary())
+    for pid, why in report.text_only[:5]:
+        logger.info("text-only: product %s (%s)", pid, why)
+    for pid, why in report.failed[:5]:
+        logger.warning("failed: product %s (%s)", pid, why)
+    logger.info("collection %s now holds %d products", args.collection, store.count(client, args.collection))
+    return 1 if report.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""The Milvus collection of product embeddings: schema, index, upsert, search.
+
+One module for index.py and search.py, so both use the same names and the same metric. The
+same code serves Milvus Lite (a local file: `runs/milvus.db`) and Milvus standalone or cluster
+(`http://host:19530`); nothing here depends on which.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_URI = os.environ.get("MILVUS_URI", "runs/milvus.db")
+COLLECTION = "products"
+ID = "product_id"
+VECTOR = "embedding"
+METRIC = "IP"  # inner product on unit vectors = cosine
+# Scalar fields kept for filtering and display: name -> max VARCHAR length (None = FLOAT).
+SCALARS: dict[str, int | None] = {
+    "title": 512, "master_category": 64, "sub_category": 64, "article_type": 64,
+    "base_colour": 64, "usage": 64, "gender": 32, "price": None,
+}
+OUTPUT_FIELDS = list(SCALARS)
+ID_MAX_LENGTH = 256
+INDEX_PARAMS = {"AUTOINDEX": {}, "FLAT": {}, "IVF_FLAT": {"nlist": 256}, "HNSW": {"M": 16, "efConstruction": 200}}
+SEARCH_PARAMS = {"AUTOINDEX": {}, "FLAT": {}, "IVF_FLAT": {"nprobe": 32}, "HNSW": {"ef": 64}}
+
+
+class StoreError(RuntimeError):
+    """The collection is missing, of another dimension, or Milvus is unreachable."""
+
+
+@dataclass
+class Hit:
+    product_id: str
+    score: float
+    fields: dict
+
+
+def connect(uri: str = DEFAULT_URI, token: str | None = None, user: str | None = None,
+            password: str | None = None, timeout_s: float = 10.0):
+    """A MilvusClient. Credentials come from arguments or MILVUS_TOKEN / MILVUS_USER / MILVUS_PASSWORD."""
+    from pymilvus import MilvusClient
+
+    token = token or os.environ.get("MILVUS_TOKEN") or ""
+    user = user or os.environ.get("MILVUS_USER") or ""
+    password = password or os.environ.get("MILVUS_PASSWORD") or ""
+    is_local = not re.match(r"^(https?|tcp|grpc)://", uri)
+    if is_local:
+        os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
+    try:
+        return MilvusClient(uri=uri, token=token, user=user, password=password, timeout=timeout_s)
+    except Exception as exc:  # never echo the credentials
+        raise StoreError(f"cannot connect to Milvus at {uri}: {type(exc).__name__}: "
+                         f"{str(exc).replace(password, '***') if password else exc}") from None
+
+
+def collection_dim(client, collection: str = COLLECTION) -> int | None:
+    if not client.has_collection(collection):
+        return None
+    for f in client.describe_collection(collection)["fields"]:
+        if f["name"] == VECTOR:
+            return int(f["params"]["dim"])
+    raise StoreError(f"collection {collection!r} has no vector field {VECTOR!r}: not made by client/index.py")
+
+
+def ensure_collection(client, dim: int, collection: str = COLLECTION, index_type: str = "AUTOINDEX") -> None:
+    """Create the collection (schema + vector index) unless it exists with the same dimension."""
+    from pymilvus import DataType
+
+    existing = collection_dim(client, collection)
+    if existing is not None:
+        if existing != dim:
+            raise StoreError(f"collection {collection!r} holds {existing}-d vectors but the served model makes "
+                             f"{dim}-d ones: index into a new --collection, or drop it (--recreate)")
+        return
+    if index_type not in INDEX_PARAMS:
+        raise StoreError(f"unknown index type {index_type!r}: expected one of {list(INDEX_PARAMS)}")
+    schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field(ID, DataType.VARCHAR, is_primary=True, max_length=ID_MAX_LENGTH)
+    schema.add_field(VECTOR, DataType.FLOAT_VECTOR, dim=dim)
+    for name, length in SCALARS.items():
+        if length is None:
+            schema.add_field(name, DataType.FLOAT)
+        else:
+            schema.add_field(name, DataType.VARCHAR, max_length=length)
+    index = client.prepare_index_params()
+    index.add_index(VECTOR, index_type=index_type, metric_type=METRIC, params=INDEX_PARAMS[index_type])
+    client.create_collection(collection, schema=schema, index_params=index)
+    logger.info("created collection %s (%d-d, %s, %s)", collection, dim, index_type, METRIC)
+
+
+def _clip(value: str, length: int) -> str:
+    encoded = value.encode("utf-8")[:length]
+    return encoded.decode("utf-8", errors="ignore")
+
+
+def make_row(product: Mapping, vector: Sequence[float]) -> dict:
+    row = {ID: str(product[ID])[:ID_MAX_LENGTH], VECTOR: [float(x) for x in vector]}
+    for name, length in SCALARS.items():
+        value = product.get(name)
+        if length is None:
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                value = float("nan")
+            row[name] = value if math.isfinite(value) else -1.0  # -1: no price (NaN cannot be filtered)
+        else:
+            row[name] = _clip("" if value is None or value != value else str(value), length)
+    return row
+
+
+def upsert(client, rows: list[dict], collection: str = COLLECTION) -> int:
+    """Insert or replace rows by product id: re-indexing never duplicates."""
+    if not rows:
+        return 0
+    return int(client.upsert(collection, rows)["upsert_count"])
+
+
+def existing_ids(client, ids: Iterable[str], collection: str = COLLECTION, chunk: int = 1000) -> set[str]:
+    """Which of `ids` the collection already holds (how an interrupted index run resumes)."""
+    ids = list(ids)
+    found: set[str] = set()
+    for start in range(0, len(ids), chunk):
+        part = ids[start:start + chunk]
+        rows = client.get(collection, ids=part, output_fields=[ID])
+        found.update(r[ID] for r in rows)
+    return found
+
+
+def count(client, collection: str = COLLECTION) -> int:
+    return int(client.query(collection, filter="", output_fields=["count(*)"])[0]["count(*)"])
+
+
+def _literal(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise ValueError(f"filter value {value} is not a finite number")
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # double-quoted, with quotes and backslashes escaped
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_literal(v) for v in value) + "]"
+    raise TypeError(f"unsupported filter value {value!r}")
+
+
+def render_filter(template: str, params: Mapping[str, object]) -> str:
+    """Fill `{name}` placeholders with safely quoted literals.
+
+    Milvus 2.5 servers take `filter_params` themselves, but Milvus Lite 2.5 rejects templates, so
+    the client renders them; user values never become expression syntax either way.
+    """
+    def replace(match: re.Match) -> str:
+        name = match.group(1)
+        if name not in params:
+            raise KeyError(f"filter placeholder {{{name}}} has no value")
+        return _literal(params[name])
+
+    return re.sub(r"\{(\w+)\}", replace, template)
+
+
+def search(client, vectors: Sequence[Sequence[float]], k: int = 10, collection: str = COLLECTION,
+           expression: str = "", index_type: str = "AUTOINDEX") -> list[list[Hit]]:
+    """Top-k products per query vector, best first, with their scalar fields."""
+    if not client.has_collection(collection):
+        raise StoreError(f"no collection {collection!r}: index a catalog first "
+                         "(python client/index.py --catalog PATH)")
+    params = {"metric_type": METRIC, "params": SEARCH_PARAMS.get(index_type, {})}
+    results = client.search(collection, data=[list(map(float, v)) for v in vectors], anns_field=VECTOR,
+                            limit=k, search_params=params, filter=expression, output_fields=OUTPUT_FIELDS)
+    return [[Hit(str(h["id"]), float(h["distance"]), dict(h["entity"])) for h in hits] for hits in results]

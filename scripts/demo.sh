@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The main job, end to end, on the embedded defaults: train -> export -> Triton -> index -> search.
+# Each stage reuses what an earlier run built (FORCE=1 rebuilds everything). Settings:
+#   CATALOG     catalog file (.parquet/.csv/.jsonl)   default ../shared/data/fashion/catalog.parquet
+#   MODEL       model config (training/model_configs)  default mm3-concat
+#   RUN         checkpoint directory                   default runs/$MODEL
+#   REPO        Triton model repository                default model_repository
+#   MILVUS_URI  Milvus Lite file or http://host:19530  default runs/milvus.db
+#   LIMIT       use only the first N catalog rows      default all
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CATALOG=${CATALOG:-../shared/data/fashion/catalog.parquet}
+MODEL=${MODEL:-mm3-concat}
+RUN=${RUN:-runs/$MODEL}
+REPO=${REPO:-model_repository}
+MILVUS_URI=${MILVUS_URI:-runs/milvus.db}
+LIMIT=${LIMIT:-0}
+PY=.venv/bin/python
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
+step() { printf '\n== %s\n' "$*"; }
+limit_args=()
+[ "$LIMIT" != 0 ] && limit_args=(--limit "$LIMIT")
+
+if [ "${FORCE:-0}" = 1 ]; then
+    rm -rf "$RUN" "$MILVUS_URI"
+fi
+
+step "1/5 train $MODEL on $CATALOG -> $RUN (resumes; skipped when done)"
+$PY -m training.train --model "$MODEL" --catalog "$CATALOG" --out "$RUN" "${limit_args[@]}"
+
+step "2/5 export $RUN -> $REPO (ONNX, parity checks, Triton configs)"
+if [ ! -f "$REPO/export_report.json" ] || [ "$RUN/model.safetensors" -nt "$REPO/export_report.json" ]; then
+    $PY -m export --checkpoint "$RUN" --out "$REPO" --backend python --catalog "$CATALOG"
+else
+    echo "up to date: $REPO/export_report.json"
+fi
+
+step "3/5 start Triton on $REPO"
+$PY -m export.serve --model-repository "$REPO" --detach
+trap '$PY -m export.serve --stop' EXIT
+
+step "4/5 index $CATALOG into Milvus ($MILVUS_URI) through product_encoder"
+$PY client/index.py --catalog "$CATALOG" --milvus-uri "$MILVUS_URI" "${limit_args[@]}"
+
+step "5/5 search"
+for query in "red kurta for women" "men's black leather wallet" "white running shoes" "blue denim jeans"; do
+    $PY client/search.py "$query" -k 5 --milvus-uri "$MILVUS_URI"
+    echo
+done
+$PY client/search.py "watch" -k 5 --gender Women --max-price 60 --milvus-uri "$MILVUS_URI"
+echo
+example=$($PY - "$CATALOG" <<'PYEOF'
+import sys
+from training.catalog import ImageFetcher, read_catalog
+df, _ = read_catalog(sys.argv[1], limit=50)
+fetch = ImageFetcher(base_dir=df.attrs["base_dir"])
+for pid, ref, title in zip(df["product_id"], df["image"], df["title"]):
+    try:
+        data = fetch(ref)
+    except Exception:
+        continue
+    open("runs/example_query.jpg", "wb").write(data)
+    print(f"{pid}: {title}")
+    break
+PYEOF
+)
+if [ -n "$example" ]; then
+    echo "image query: runs/example_query.jpg (the photo of product $example)"
+    $PY client/search.py --image runs/example_query.jpg -k 5 --milvus-uri "$MILVUS_URI"
+fi

@@ -1,0 +1,126 @@
+"""Index real products through a real Triton server into a real Milvus Lite, then search."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from client import store
+from client.encoder import TritonEncoder
+from client.index import Indexer
+from client.search import Searcher, build_filter, parse_args
+from client.search import main as search_main
+from training.catalog import read_catalog
+
+pytestmark = pytest.mark.server
+N = 300
+
+
+@pytest.fixture(scope="module")
+def milvus_path(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("milvus") / "test.db")
+
+
+@pytest.fixture(scope="module")
+def milvus(milvus_path):
+    client = store.connect(milvus_path)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def indexed(triton, milvus, catalog_path):
+    indexer = Indexer(triton.grpc_url, "grpc", milvus, "products", batch_size=16, concurrency=3)
+    report = indexer.run(str(catalog_path), limit=N)
+    return report
+
+
+@pytest.fixture(scope="module")
+def searcher(triton, milvus, indexed):
+    return Searcher(TritonEncoder(triton.grpc_url, "grpc"), milvus, "products")
+
+
+@pytest.fixture(scope="module")
+def products(catalog_path):
+    df, _ = read_catalog(catalog_path, limit=N)
+    return df
+
+
+def test_index_reports_and_counts_every_product(indexed, milvus):
+    assert indexed.indexed == N and not indexed.failed and indexed.skipped == 0
+    assert store.count(milvus, "products") == N
+    index = milvus.describe_index("products", store.VECTOR)
+    assert index["metric_type"] == store.METRIC  # the metric search.py uses
+
+
+def test_reindexing_resumes_and_never_duplicates(triton, milvus, indexed, catalog_path):
+    indexer = Indexer(triton.grpc_url, "grpc", milvus, "products")
+    again = indexer.run(str(catalog_path), limit=N)
+    assert again.skipped == N and again.indexed == 0
+    forced = indexer.run(str(catalog_path), limit=20, reindex=True)
+    assert forced.indexed == 20
+    assert store.count(milvus, "products") == N
+
+
+def test_exact_title_finds_its_product_in_the_top_3(searcher, products):
+    rng = np.random.default_rng(0)
+    picks = rng.choice(len(products), 20, replace=False)
+    found = 0
+    for i in picks:
+        hits = searcher.search(products.title[i], k=3).hits
+        found += products.product_id[i] in [h.product_id for h in hits]
+    assert found >= 16, f"{found}/20 exact titles in the top 3"
+
+
+def test_a_product_photo_finds_that_product_first(searcher, products):
+    for i in range(5):
+        hits = searcher.search(image=bytes(products.image[i]), k=3).hits
+        assert hits[0].product_id == products.product_id[i]
+
+
+def test_filters_are_honoured(searcher):
+    args = parse_args(["shoes", "--gender", "Women", "--max-price", "60"])
+    hits = searcher.search("shoes", k=10, expression=build_filter(args)).hits
+    assert hits and all(h.fields["gender"] == "Women" and h.fields["price"] <= 60 for h in hits)
+    raw = parse_args(["watch", "--filter", 'usage == "Formal"'])
+    assert all(h.fields["usage"] == "Formal" for h in searcher.search("watch", expression=build_filter(raw)).hits)
+
+
+def test_filter_values_cannot_inject_expression_syntax():
+    expression = store.render_filter("base_colour == {c}", {"c": 'Red" or price > 0 or base_colour == "'})
+    assert expression == 'base_colour == "Red\\" or price > 0 or base_colour == \\""'
+
+
+def test_search_cli_prints_a_table_and_json(triton, milvus_path, indexed, products, capsys):
+    common = ["--milvus-uri", milvus_path, "--triton-url", triton.grpc_url, "-k", "3"]
+    assert search_main([products.title[0], *common]) == 0
+    table = capsys.readouterr().out
+    assert "score" in table and products.product_id[0] in table
+    assert search_main([products.title[0], "--json", *common]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert len(result["hits"]) == 3 and {"product_id", "score", "fields"} <= set(result["hits"][0])
+
+
+def test_collection_errors_are_clear(triton, tmp_path):
+    client = store.connect(str(tmp_path / "empty.db"))
+    encoder = TritonEncoder(triton.grpc_url, "grpc")
+    with pytest.raises(store.StoreError, match="index a catalog first"):
+        Searcher(encoder, client, "products")
+    store.ensure_collection(client, encoder.embed_dim + 2, "products")
+    with pytest.raises(store.StoreError, match="Re-index"):
+        Searcher(encoder, client, "products")
+
+
+def test_empty_query_is_refused_by_the_cli(capsys):
+    assert search_main(["   "]) == 2
+    assert "empty query" in capsys.readouterr().err
+
+
+def test_client_imports_no_torch_and_no_transformers():
+    code = ("import sys, client.search, client.index, client.encoder, client.store; "
+            "bad = [m for m in ('torch', 'transformers', 'open_clip') if m in sys.modules]; "
+            "print(json.dumps(bad))")
+    out = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == []
