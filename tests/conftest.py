@@ -37,12 +37,13 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    """A test-tiny checkpoint (real MiniLM weights, one layer trained for a few steps on real rows)."""
+    """A test-tiny checkpoint: real MiniLM weights, its top layer and the heads trained briefly on real rows
+    (enough for an exact title to find its product, which the search tests check)."""
     from training.train import TrainCfg, train
 
     out = tmp_path_factory.mktemp("ckpt") / "tiny"
-    cfg = TrainCfg(model="test-tiny", catalog=str(CATALOG), limit=200, batch_size=16, max_steps=3,
-                   val_queries=20, eval_at_start=False, out=str(out),
+    cfg = TrainCfg(model="test-tiny", catalog=str(CATALOG), limit=600, batch_size=32, epochs=5, lr=3e-3,
+                   lr_pretrained=1e-4, val_queries=50, eval_at_start=False, out=str(out),
                    cache_dir=str(tmp_path_factory.mktemp("cache")))
     return train(cfg)
 

@@ -4,7 +4,6 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from client import store
@@ -65,13 +64,10 @@ def test_reindexing_resumes_and_never_duplicates(triton, milvus, indexed, catalo
 
 
 def test_exact_title_finds_its_product_in_the_top_3(searcher, products):
-    rng = np.random.default_rng(0)
-    picks = rng.choice(len(products), 20, replace=False)
-    found = 0
-    for i in picks:
-        hits = searcher.search(products.title[i], k=3).hits
-        found += products.product_id[i] in [h.product_id for h in hits]
-    assert found >= 16, f"{found}/20 exact titles in the top 3"
+    # The tiny test model trains for a minute (0.85 here); the default model is near 1.0.
+    found = sum(pid in [h.product_id for h in searcher.search(title, k=3).hits]
+                for pid, title in zip(products.product_id, products.title))
+    assert found / len(products) >= 0.75, f"{found}/{len(products)} exact titles in the top 3"
 
 
 def test_a_product_photo_finds_that_product_first(searcher, products):
@@ -124,3 +120,13 @@ def test_client_imports_no_torch_and_no_transformers():
             "print(json.dumps(bad))")
     out = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == []
+
+
+def test_indexing_with_triton_down_stops_with_a_clear_message(tmp_path, catalog_path, capsys):
+    from client.index import main as index_main
+    from tests.conftest import free_port
+
+    code = index_main(["--catalog", str(catalog_path), "--limit", "10", "--milvus-uri", str(tmp_path / "x.db"),
+                       "--triton-url", f"127.0.0.1:{free_port()}", "--retries", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Triton is unreachable" in err and "run the same command again" in err

@@ -40,7 +40,7 @@ def test_loss_decreases_on_real_catalog_rows(tmp_path, catalog_path):
 def test_training_writes_an_export_ready_checkpoint_with_validation(tmp_path, catalog_path):
     out = train(_cfg(tmp_path, catalog=str(catalog_path), eval_at_start=True, hard_negatives=True))
     config = json.loads((out / "config.json").read_text())
-    assert config["model_cfg"]["embed_dim"] == 32
+    assert config["model_cfg"]["embed_dim"] == 128
     assert config["preprocess_cfg"]["image"]["image_size"] == 32
     assert config["train_cfg"]["hard_negatives"] is True
     assert (out / "tokenizer" / "tokenizer.json").is_file()

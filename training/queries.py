@@ -25,7 +25,8 @@ GENDER_NOUN = {"Men": "men", "Women": "women", "Boys": "boys", "Girls": "girls",
 
 # {placeholder} -> the attribute it names. "title" is a span of the product's own title.
 PLACEHOLDERS = {"colour": "base_colour", "type": "article_type", "gender_adj": "gender",
-                "gender_noun": "gender", "brand": "brand", "usage": "usage", "title": "title"}
+                "gender_noun": "gender", "brand": "brand", "usage": "usage", "title": "title",
+                "full_title": "title"}
 
 TRAIN_TEMPLATES = (
     "{colour} {type}",
@@ -36,6 +37,7 @@ TRAIN_TEMPLATES = (
     "{type} for {gender_noun}",
     "{brand} {colour} {type}",
     "{title}",
+    "{full_title}",  # people paste product names too
 )
 
 
@@ -65,7 +67,7 @@ class Query:
     def matches(self, product: Mapping[str, str]) -> bool:
         for attr, value in self.constraints:
             if attr == "title":
-                if value not in product.get("title", "").lower():
+                if f" {value} " not in f" {' '.join(words(product.get('title', '')))} ":
                     return False
             elif product.get(attr, "").lower() != value:
                 return False
@@ -80,13 +82,18 @@ def product_attributes(row: Mapping) -> dict[str, str]:
     return attrs
 
 
+def words(text: str) -> list[str]:
+    """Lowercase words, the unit title constraints are matched on."""
+    return re.findall(r"[\w'&-]+", text.lower())
+
+
 def _title_span(title: str, rng: random.Random) -> str:
-    words = re.findall(r"[\w'&-]+", title.lower())
-    if len(words) <= 2:
-        return " ".join(words)
-    n = rng.randint(2, min(4, len(words)))
-    start = rng.randint(0, len(words) - n)
-    return " ".join(words[start:start + n])
+    w = words(title)
+    if len(w) <= 2:
+        return " ".join(w)
+    n = rng.randint(2, min(4, len(w)))
+    start = rng.randint(0, len(w) - n)
+    return " ".join(w[start:start + n])
 
 
 def render(template: str, attrs: Mapping[str, str], product_id: str, rng: random.Random) -> Query | None:
@@ -105,6 +112,8 @@ def render(template: str, attrs: Mapping[str, str], product_id: str, rng: random
             values[name] = GENDER_NOUN.get(raw)
         elif name == "title":
             values[name] = _title_span(raw, rng)
+        elif name == "full_title":
+            values[name] = " ".join(words(raw))
         else:
             values[name] = raw.lower()
         if not values[name]:
