@@ -40,6 +40,16 @@ TRAIN_TEMPLATES = (
     "{full_title}",  # people paste product names too
 )
 
+# Phrasings the training generator never produces: the committed evaluation set uses only these.
+EVAL_TEMPLATES = (
+    "{type} in {colour} for {gender_noun}",
+    "{colour} coloured {type}",
+    "{type} from {brand}",
+    "{usage} {type} in {colour}",
+    "looking for {brand} {colour} {type}",
+    "{type} {brand} {colour}",
+)
+
 
 def brand_of(title: str) -> str:
     """The words before the gender word ("Puma Men's Shoes" -> "Puma"), else the first word."""

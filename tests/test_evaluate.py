@@ -1,0 +1,42 @@
+import json
+
+from training.evaluate import QuerySet, degrade_colour, evaluate, main
+from training.queries import EVAL_TEMPLATES, TRAIN_TEMPLATES
+
+EVAL_SET = "training/eval_sets/fashion.jsonl"
+
+
+def test_committed_eval_set_uses_only_unseen_phrasings():
+    assert not set(EVAL_TEMPLATES) & set(TRAIN_TEMPLATES)
+    queries = QuerySet.load(EVAL_SET)
+    assert len(queries.texts) == 500 and len(queries.image_ids) == 200
+    assert all(len(r) >= 1 for r in queries.text_relevant)
+
+
+def test_evaluate_reports_text_and_image_metrics(tiny_checkpoint, catalog_path, tmp_path, capsys):
+    qs = tmp_path / "q.jsonl"
+    lines = [{"query": "black tshirts for men", "relevant": ["1163"]},
+             {"image_product_id": "1163", "relevant": ["1163"]}]
+    qs.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    result = evaluate(tiny_checkpoint, QuerySet.load(qs), str(catalog_path), corpus_limit=200,
+                      cache_dir=str(tmp_path))
+    text, image = result["metrics"]["text"], result["metrics"]["image"]
+    assert {"recall@10", "recall@100", "ndcg@10", "mrr@10", "queries"} <= set(text)
+    assert text["queries"] == 1 and image["recall@1"] == 1.0  # a product's own photo finds it
+    main(["--checkpoint", str(tiny_checkpoint), "--queries", str(qs), "--catalog", str(catalog_path),
+          "--corpus-limit", "200", "--cache-dir", str(tmp_path), "--json", str(tmp_path / "m.json")])
+    assert "| tiny | text |" in capsys.readouterr().out
+    assert json.loads((tmp_path / "m.json").read_text())["metrics"]["text"]["queries"] == 1
+
+
+def test_colour_degradation_removes_colour_words_only(catalog_path):
+    from training.catalog import read_catalog
+    from training.data import build_product_set
+
+    df, report = read_catalog(catalog_path, limit=50)
+    products = build_product_set(df, None, report)
+    degraded = degrade_colour(products)
+    for before, after, attrs in zip(products.texts, degraded.texts, products.attrs):
+        colour = attrs["base_colour"].lower()
+        assert colour not in after.lower().split() or " " in colour
+        assert len(after) <= len(before)

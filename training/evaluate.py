@@ -1,0 +1,159 @@
+"""Retrieval quality of a checkpoint on a query set, with the PyTorch towers.
+
+    python -m training.evaluate --checkpoint runs/mm3-concat --queries evaluation/fashion_queries.jsonl
+
+A query set is JSONL: {"query": "...", "relevant": [ids]} for text queries, or
+{"image_product_id": "...", "relevant": [ids]} for image queries (the photo of that catalog
+product is the query). Reports Recall@{1,10,100} (capped, see training.metrics), nDCG@10, MRR@10
+and the query count, per query kind, as a table and as JSON.
+
+`--degrade colour` removes colour words from every product's text before embedding it: what a
+model still finds then comes from the image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .catalog import DEFAULT_CATALOG, ColumnMap, read_catalog
+from .data import ProductSet, build_product_set
+from .encode import embed_products, embed_queries
+from .factory import create_model, create_tokenizer, load_checkpoint_config
+from .metrics import rank, retrieval_metrics
+
+logger = logging.getLogger("training.evaluate")
+KS = (1, 10, 100)
+
+
+@dataclass
+class QuerySet:
+    texts: list[str]
+    text_relevant: list[list[str]]
+    image_ids: list[str]
+    image_relevant: list[list[str]]
+
+    @classmethod
+    def load(cls, path: str | Path) -> QuerySet:
+        qs = cls([], [], [], [])
+        for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            item = json.loads(line)
+            relevant = [str(r) for r in item.get("relevant", [])]
+            if not relevant:
+                raise ValueError(f"{path}:{lineno}: a query needs at least one relevant id")
+            if "query" in item:
+                qs.texts.append(item["query"])
+                qs.text_relevant.append(relevant)
+            elif "image_product_id" in item:
+                qs.image_ids.append(str(item["image_product_id"]))
+                qs.image_relevant.append(relevant)
+            else:
+                raise ValueError(f"{path}:{lineno}: expected a 'query' or an 'image_product_id'")
+        return qs
+
+
+def degrade_colour(products: ProductSet) -> ProductSet:
+    """Product texts without their colour words (every base_colour value of the catalog)."""
+    colours = sorted({a["base_colour"].lower() for a in products.attrs if a["base_colour"]}, key=len, reverse=True)
+    if not colours:
+        return products
+    pattern = re.compile(r"\b(" + "|".join(re.escape(c) for c in colours) + r")\b", re.IGNORECASE)
+    texts = [" ".join(pattern.sub(" ", t).split()) for t in products.texts]
+    return ProductSet(products.ids, texts, products.attrs, products.pixels, products.has_image)
+
+
+def evaluate(checkpoint: str | Path, queries: QuerySet, catalog: str = DEFAULT_CATALOG,
+             columns: ColumnMap | None = None, degrade: str | None = None, cache_dir: str = "cache",
+             corpus_limit: int | None = None) -> dict:
+    """Metrics per query kind, plus the rankings (for exclusive-match analyses)."""
+    checkpoint = Path(checkpoint)
+    model = create_model(checkpoint).eval()
+    tokenizer = create_tokenizer(checkpoint)
+    image_cfg = load_checkpoint_config(checkpoint)["preprocess_cfg"]["image"]
+    df, report = read_catalog(catalog, columns, limit=corpus_limit)
+    # Images are decoded at the tower's size; a text-only model still needs them for image queries.
+    products = build_product_set(df, image_cfg, report, cache_dir)
+    if degrade == "colour":
+        products = degrade_colour(products)
+    elif degrade:
+        raise ValueError(f"unknown degradation {degrade!r}: expected 'colour'")
+    ids = products.ids
+    key = hashlib.sha1(json.dumps([str(checkpoint.resolve()), (checkpoint / "model.safetensors").stat().st_mtime_ns,
+                                   df.attrs["path"], len(df), degrade]).encode()).hexdigest()[:16]
+    cache = Path(cache_dir) / f"product-embeddings-{key}.npy"
+    if cache.is_file():
+        product_emb = np.load(cache)
+    else:
+        logger.info("embedding %d products", len(ids))
+        product_emb = embed_products(model, tokenizer, products, image_cfg)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.save(cache, product_emb)
+    corpus = set(ids)
+    out = {"checkpoint": str(checkpoint), "degrade": degrade, "products": len(ids), "metrics": {}, "rankings": {}}
+
+    def keep(relevant_lists):
+        return [[r for r in rel if r in corpus] for rel in relevant_lists]
+
+    if queries.texts:
+        relevant = keep(queries.text_relevant)
+        mask = [bool(r) for r in relevant]
+        texts = [t for t, m in zip(queries.texts, mask) if m]
+        relevant = [r for r in relevant if r]
+        ranked = rank(embed_queries(model, tokenizer, texts), product_emb, ids, k=max(KS))
+        out["metrics"]["text"] = retrieval_metrics(ranked, relevant, KS)
+        out["rankings"]["text"] = {"queries": texts, "ranked": ranked, "relevant": relevant}
+    if queries.image_ids and model.cfg.multimodal:
+        position = {pid: i for i, pid in enumerate(ids)}
+        pairs = [(position[q], rel) for q, rel in zip(queries.image_ids, keep(queries.image_relevant))
+                 if q in position and rel and products.has_image[position[q]]]
+        if pairs:
+            idx = [i for i, _ in pairs]
+            image_emb = embed_products(model, tokenizer, products, image_cfg, idx, use_text=False)
+            ranked = rank(image_emb, product_emb, ids, k=max(KS))
+            out["metrics"]["image"] = retrieval_metrics(ranked, [r for _, r in pairs], KS)
+    return out
+
+
+def format_table(results: dict[str, dict]) -> str:
+    """Markdown table: one row per (model, query kind)."""
+    cols = ["recall@1", "recall@10", "recall@100", "ndcg@10", "mrr@10", "queries"]
+    lines = ["| model | queries | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for name, result in results.items():
+        for kind, metrics in result["metrics"].items():
+            values = [f"{metrics[c]:.4f}" if isinstance(metrics[c], float) else str(metrics[c]) for c in cols]
+            lines.append(f"| {name} | {kind} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("training").setLevel(logging.INFO)
+    p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory")
+    p.add_argument("--queries", required=True, help="JSONL query set (see the module docstring)")
+    p.add_argument("--catalog", default=DEFAULT_CATALOG, help="catalog holding the searched products")
+    p.add_argument("--corpus-limit", type=int, default=None, help="search only the first N catalog products")
+    p.add_argument("--degrade", choices=["colour"], default=None, help="remove colour words from product texts")
+    p.add_argument("--cache-dir", default="cache", help="where images and product embeddings are cached")
+    p.add_argument("--json", dest="json_out", help="also write the metrics to this JSON file")
+    ColumnMap.add_arguments(p)
+    args = p.parse_args(argv)
+    result = evaluate(args.checkpoint, QuerySet.load(args.queries), args.catalog, ColumnMap.from_args(args),
+                      args.degrade, args.cache_dir, args.corpus_limit)
+    print(format_table({Path(args.checkpoint).name: result}))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({k: v for k, v in result.items() if k != "rankings"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
