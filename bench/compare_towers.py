@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--catalog", default=DEFAULT_CATALOG, help="catalog to train and search on")
     p.add_argument("--queries", default="training/eval_sets/fashion.jsonl", help="evaluation query set")
-    p.add_argument("--limit", type=int, default=10000, help="first N catalog products, for training and search (0 = all)")
+    p.add_argument("--limit", type=int, default=10000, help="first N catalog products to train on and search (0 = all)")
     p.add_argument("--epochs", type=int, default=1, help="training epochs per model")
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated model configs")
     p.add_argument("--runs", default="runs/compare", help="where the checkpoints go")
