@@ -36,31 +36,15 @@ class GraphSpec:
     text: bool = False  # a BERT graph: transformer fusion applies, seq axis is dynamic
 
 
-class QueryTower(nn.Module):
-    def __init__(self, model: ProductSearchModel):
+class Tower(nn.Module):
+    """One `encode_*` method of the model as a module: what torch.onnx.export traces."""
+
+    def __init__(self, model: ProductSearchModel, method: str):
         super().__init__()
-        self.model = model
+        self.model, self.method = model, method
 
-    def forward(self, input_ids, attention_mask):
-        return self.model.encode_query(input_ids, attention_mask)
-
-
-class TextTower(nn.Module):
-    def __init__(self, model: ProductSearchModel):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask):
-        return self.model.encode_product_text(input_ids, attention_mask)
-
-
-class ImageTower(nn.Module):
-    def __init__(self, model: ProductSearchModel):
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values):
-        return self.model.encode_image(pixel_values)
+    def forward(self, *inputs):
+        return getattr(self.model, self.method)(*inputs)
 
 
 class Fusion(nn.Module):
@@ -87,8 +71,13 @@ class ImageQueryHead(nn.Module):
         return self.model.fuse(torch.zeros_like(image_embedding), image_embedding, zeros, zeros + 1)
 
 
-WRAPPERS = {"query_tower": QueryTower, "text_tower": TextTower, "image_tower": ImageTower,
-            "fusion": Fusion, "image_query_head": ImageQueryHead}
+WRAPPERS = {
+    "query_tower": lambda model: Tower(model, "encode_query"),
+    "text_tower": lambda model: Tower(model, "encode_product_text"),
+    "image_tower": lambda model: Tower(model, "encode_image"),
+    "fusion": Fusion,
+    "image_query_head": ImageQueryHead,
+}
 
 
 def graph_specs(cfg: ModelCfg, image_size: int | None) -> dict[str, GraphSpec]:
