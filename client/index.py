@@ -98,7 +98,7 @@ class Indexer:
         return kept, vectors, text_only, failed
 
     def run(self, catalog: str, columns: ColumnMap | None = None, limit: int | None = None,
-            reindex: bool = False, index_type: str = "AUTOINDEX") -> IndexReport:
+            reindex: bool = False, index_type: str = "AUTOINDEX", metric: str = store.METRIC) -> IndexReport:
         started = time.monotonic()
         report = IndexReport()
         df, catalog_report = read_catalog(catalog, columns, limit=limit)
@@ -106,7 +106,7 @@ class Indexer:
         report.catalog_rows, report.malformed_rows = catalog_report.rows, len(catalog_report.malformed)
         encoder = self.encoder()
         encoder.check_ready([m for m in ("product_encoder",)])
-        store.ensure_collection(self.client, encoder.embed_dim, self.collection, index_type)
+        store.ensure_collection(self.client, encoder.embed_dim, self.collection, index_type, metric)
         rows = df.to_dict("records")
         if not reindex:
             done = store.existing_ids(self.client, [r[store.ID] for r in rows], self.collection)
@@ -177,6 +177,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_connection_args(p)
     p.add_argument("--index-type", choices=list(store.INDEX_PARAMS), default="AUTOINDEX",
                    help="vector index (Milvus Lite supports AUTOINDEX, FLAT and IVF_FLAT; standalone also HNSW)")
+    p.add_argument("--metric", choices=store.METRICS, default=store.METRIC,
+                   help="similarity of the vector index (embeddings are unit vectors: all three rank alike); "
+                        "search reads it from the collection")
     p.add_argument("--batch-size", type=int, default=16, help="products per Triton request")
     p.add_argument("--concurrency", type=int, default=4, help="Triton requests in flight")
     p.add_argument("--retries", type=int, default=3, help="retries (with exponential backoff) when Triton is down")
@@ -208,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
             client.drop_collection(args.collection)
         indexer = Indexer(args.triton_url, args.protocol, client, args.collection, args.batch_size,
                           args.concurrency, args.retries)
-        report = indexer.run(args.catalog, ColumnMap.from_args(args), args.limit, args.reindex, args.index_type)
+        report = indexer.run(args.catalog, ColumnMap.from_args(args), args.limit, args.reindex, args.index_type,
+                             args.metric)
     except (EncoderUnavailable, store.StoreError, CatalogError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         print("nothing indexed so far is lost: run the same command again to resume", file=sys.stderr)

@@ -61,6 +61,7 @@ class Searcher:
                 "ones: it was indexed with another model. Re-index (python client/index.py --recreate).")
         # Loading the collection into memory is a one-off cost of a process (about a second at
         # 44k products with Milvus Lite); done here, it is not charged to the first search.
+        self.metric = store.collection_metric(client, collection)
         started = time.perf_counter()
         client.load_collection(collection)
         self.load_ms = (time.perf_counter() - started) * 1e3
@@ -75,7 +76,7 @@ class Searcher:
         else:
             raise EncodingError("nothing to search: give a query text or an image")
         embedded = time.perf_counter()
-        hits = store.search(self.client, [vector], k, self.collection, expression, self.index_type)[0]
+        hits = store.search(self.client, [vector], k, self.collection, expression, self.index_type, self.metric)[0]
         done = time.perf_counter()
         return SearchResult(text or "<image>", hits, (embedded - started) * 1e3, (done - embedded) * 1e3)
 

@@ -21,7 +21,8 @@ DEFAULT_URI = os.environ.get("MILVUS_URI", "runs/milvus.db")
 COLLECTION = "products"
 ID = "product_id"
 VECTOR = "embedding"
-METRIC = "IP"  # inner product on unit vectors = cosine
+METRIC = "IP"  # the default: inner product on unit vectors = cosine
+METRICS = ("IP", "COSINE", "L2")  # all rank unit vectors identically; the collection records its own
 # Scalar fields kept for filtering and display: name -> max VARCHAR length (None = FLOAT).
 SCALARS: dict[str, int | None] = {
     "title": 512, "master_category": 64, "sub_category": 64, "article_type": 64,
@@ -71,7 +72,13 @@ def collection_dim(client, collection: str = COLLECTION) -> int | None:
     raise StoreError(f"collection {collection!r} has no vector field {VECTOR!r}: not made by client/index.py")
 
 
-def ensure_collection(client, dim: int, collection: str = COLLECTION, index_type: str = "AUTOINDEX") -> None:
+def collection_metric(client, collection: str = COLLECTION) -> str:
+    """The metric the collection's vector index was built with: what every search must use."""
+    return client.describe_index(collection, VECTOR)["metric_type"]
+
+
+def ensure_collection(client, dim: int, collection: str = COLLECTION, index_type: str = "AUTOINDEX",
+                      metric: str = METRIC) -> None:
     """Create the collection (schema + vector index) unless it exists with the same dimension."""
     from pymilvus import DataType
 
@@ -81,6 +88,8 @@ def ensure_collection(client, dim: int, collection: str = COLLECTION, index_type
             raise StoreError(f"collection {collection!r} holds {existing}-d vectors but the served model makes "
                              f"{dim}-d ones: index into a new --collection, or drop it (--recreate)")
         return
+    if metric not in METRICS:
+        raise StoreError(f"unknown metric {metric!r}: expected one of {METRICS}")
     if index_type not in INDEX_PARAMS:
         raise StoreError(f"unknown index type {index_type!r}: expected one of {list(INDEX_PARAMS)}")
     schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
@@ -92,9 +101,9 @@ def ensure_collection(client, dim: int, collection: str = COLLECTION, index_type
         else:
             schema.add_field(name, DataType.VARCHAR, max_length=length)
     index = client.prepare_index_params()
-    index.add_index(VECTOR, index_type=index_type, metric_type=METRIC, params=INDEX_PARAMS[index_type])
+    index.add_index(VECTOR, index_type=index_type, metric_type=metric, params=INDEX_PARAMS[index_type])
     client.create_collection(collection, schema=schema, index_params=index)
-    logger.info("created collection %s (%d-d, %s, %s)", collection, dim, index_type, METRIC)
+    logger.info("created collection %s (%d-d, %s, %s)", collection, dim, index_type, metric)
 
 
 def _clip(value: str, length: int) -> str:
@@ -169,12 +178,16 @@ def render_filter(template: str, params: Mapping[str, object]) -> str:
 
 
 def search(client, vectors: Sequence[Sequence[float]], k: int = 10, collection: str = COLLECTION,
-           expression: str = "", index_type: str = "AUTOINDEX") -> list[list[Hit]]:
-    """Top-k products per query vector, best first, with their scalar fields."""
+           expression: str = "", index_type: str = "AUTOINDEX", metric: str | None = None) -> list[list[Hit]]:
+    """Top-k products per query vector, best first, with their scalar fields.
+
+    `metric` defaults to the collection's own (one describe call; pass it to save that call).
+    """
     if not client.has_collection(collection):
         raise StoreError(f"no collection {collection!r}: index a catalog first "
                          "(python client/index.py --catalog PATH)")
-    params = {"metric_type": METRIC, "params": SEARCH_PARAMS.get(index_type, {})}
+    params = {"metric_type": metric or collection_metric(client, collection),
+              "params": SEARCH_PARAMS.get(index_type, {})}
     results = client.search(collection, data=[list(map(float, v)) for v in vectors], anns_field=VECTOR,
                             limit=k, search_params=params, filter=expression, output_fields=OUTPUT_FIELDS)
     return [[Hit(str(h["id"]), float(h["distance"]), dict(h["entity"])) for h in hits] for hits in results]

@@ -130,3 +130,28 @@ def test_indexing_with_triton_down_stops_with_a_clear_message(tmp_path, catalog_
                        "--triton-url", f"127.0.0.1:{free_port()}", "--retries", "0"])
     err = capsys.readouterr().err
     assert code == 2 and "Triton is unreachable" in err and "run the same command again" in err
+
+
+def test_products_with_broken_or_missing_images_are_indexed_text_only(triton, tmp_path, sample_csv):
+    import pandas as pd
+
+    src = pd.read_csv(sample_csv, dtype=str).iloc[:6]
+    good = (sample_csv.parent / src.image_url[0]).read_bytes()
+    (tmp_path / "good.jpg").write_bytes(good)
+    (tmp_path / "truncated.jpg").write_bytes(good[:300])
+    (tmp_path / "text.jpg").write_bytes(b"not an image at all")
+    src["image_url"] = ["good.jpg", "truncated.jpg", "text.jpg", "missing.jpg", "", "good.jpg"]
+    src.to_csv(tmp_path / "catalog.csv", index=False)
+    client = store.connect(str(tmp_path / "broken.db"))
+    report = Indexer(triton.grpc_url, "grpc", client, "products", batch_size=6).run(str(tmp_path / "catalog.csv"))
+    assert report.indexed == 6 and not report.failed
+    assert sorted(pid for pid, _ in report.text_only) == sorted(src.product_id[1:5])
+    assert store.count(client, "products") == 6
+
+
+def test_the_collection_records_its_metric_and_search_uses_it(triton, tmp_path, catalog_path):
+    client = store.connect(str(tmp_path / "l2.db"))
+    Indexer(triton.grpc_url, "grpc", client, "products").run(str(catalog_path), limit=40, metric="L2")
+    assert store.collection_metric(client, "products") == "L2"
+    searcher = Searcher(TritonEncoder(triton.grpc_url, "grpc"), client, "products")
+    assert searcher.metric == "L2" and searcher.search("shirt", k=5).hits
