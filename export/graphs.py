@@ -89,10 +89,6 @@ def graph_specs(cfg: ModelCfg, image_size: int | None) -> dict[str, GraphSpec]:
         "text_tower": GraphSpec("text_tower", ids, (TensorSpec("text_embedding", "TYPE_FP32", (part,)),), True),
     }
     if cfg.multimodal:
-        if cfg.towers == 4 and cfg.vision_cfg.clip_tokenizer != "text":
-            raise NotImplementedError(
-                "serving a 4-tower model whose CLIP text encoder has its own tokenizer is not supported "
-                "yet: Triton's tokenizer model runs one tokenizer.json (set vision_cfg.clip_tokenizer='text')")
         pixels = TensorSpec("pixel_values", "TYPE_FP32", (3, image_size, image_size))
         image = TensorSpec("image_embedding", "TYPE_FP32", (part,))
         mask = (TensorSpec("text_mask", "TYPE_FP32", (1,)), TensorSpec("image_mask", "TYPE_FP32", (1,)))

@@ -31,7 +31,8 @@ class VisionCfg:
     resize_mode: str = "pad"  # pad | crop | squash, see pretrained.image_preprocess_cfg
     trainable: bool = True
     # 4-tower only: tokenizer of the CLIP text encoder. "text" reuses the BERT tokenizer (the
-    # offline custom configs are built with its vocabulary); "open_clip" uses the model's own.
+    # offline custom configs are built with its vocabulary); "open_clip" (the model's own BPE
+    # tokenizer, needed for pretrained CLIP text weights) is not supported yet.
     clip_tokenizer: str = "text"
 
 
@@ -72,6 +73,10 @@ class ModelCfg:
             raise ValueError(f"a {self.towers}-tower model needs a vision_cfg")
         if self.towers == 2:
             self.vision_cfg = None
+        if self.towers == 4 and self.vision_cfg.clip_tokenizer != "text":
+            # Training and Triton's tokenizer model would need a second tokenizer (CLIP's BPE).
+            raise NotImplementedError("4-tower models with the CLIP text encoder's own tokenizer are not "
+                                      "supported yet: use vision_cfg.clip_tokenizer = 'text'")
         if self.embed_dim % 2:
             raise ValueError("embed_dim must be even: concat fusion splits it between two parts")
 
