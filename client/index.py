@@ -105,7 +105,7 @@ class Indexer:
         catalog_report.log()
         report.catalog_rows, report.malformed_rows = catalog_report.rows, len(catalog_report.malformed)
         encoder = self.encoder()
-        encoder.check_ready([m for m in ("product_encoder",)])
+        encoder.check_ready(["product_encoder"])
         store.ensure_collection(self.client, encoder.embed_dim, self.collection, index_type, metric)
         rows = df.to_dict("records")
         if not reindex:

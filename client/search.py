@@ -121,7 +121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--colour", help="base colour, e.g. Red")
     p.add_argument("--gender", help="Men, Women, Boys, Girls or Unisex")
     p.add_argument("--usage", help="Casual, Formal, Sports, Ethnic...")
-    p.add_argument("--min-price", type=float, help="lowest price")
+    p.add_argument("--min-price", type=float, help="lowest price (products without a price are stored as -1)")
     p.add_argument("--max-price", type=float, help="highest price")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--index-type", choices=list(store.INDEX_PARAMS), default="AUTOINDEX",
