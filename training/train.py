@@ -64,7 +64,7 @@ class TrainCfg:
     hard_negatives: bool = _f(False, "add one hard negative per product: same article type, other colour")
     seed: int = _f(0, "seed for the split, query generation, batching and dropout")
     save_every: int = _f(200, "save a resumable checkpoint every N steps (and at each epoch end)")
-    eval_at_start: bool = _f(True, "validate the untrained model first (the baseline in metrics.jsonl)")
+    eval_at_start: bool = _f(True, "validate the untrained model first (step 0 of the history in config.json)")
     threads: int = _f(0, "torch intra-op threads (0 = torch default)")
     cache_dir: str = _f("cache", "where decoded catalog images are cached between runs")
 
