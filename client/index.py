@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from client import store
 from client.encoder import EncoderUnavailable, EncodingError, TritonEncoder
-from training.catalog import DEFAULT_CATALOG, CatalogError, ColumnMap, ImageFetcher, read_catalog
+from training.catalog import DEFAULT_CATALOG, CatalogError, ColumnMap, ImageFetcher, has_image_ref, read_catalog
 
 logger = logging.getLogger("client.index")
 
@@ -118,7 +118,7 @@ class Indexer:
             images, missing = [], []
             for r in batch:
                 ref = r.get("image")
-                if not isinstance(ref, (bytes, str)) or not ref:
+                if not has_image_ref(ref):
                     images.append(None)
                     missing.append((r[store.ID], "no image"))
                     continue

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.catalog import ImageFetcher, read_catalog
+from training.catalog import ImageFetcher, has_image_ref, read_catalog
 from training.encode import tokenize as torch_tokenize
+from training.factory import TOKENIZER_DIR
 from training.model import ProductSearchModel
 from training.preprocess import ImageError, image_to_pixels, load_tokenizer, product_text, tokenize
 from training.queries import generate_queries
@@ -41,7 +42,7 @@ class Rows:
         images = []
         for ref in df["image"]:
             try:
-                data = fetch(ref) if isinstance(ref, (bytes, str)) and ref else None
+                data = fetch(ref) if has_image_ref(ref) else None
                 if data is not None:
                     image_to_pixels(data, {"image_size": 8, "mean": [0] * 3, "std": [1] * 3})
                 images.append(data)
@@ -91,10 +92,10 @@ def graph_parity(model: ProductSearchModel, specs: dict[str, GraphSpec], graphs_
                  checkpoint: Path, rows: Rows, image_cfg: dict | None) -> dict[str, dict]:
     """Each FP32 graph against its PyTorch module on the same real inputs; raises past tolerance."""
     model.eval()
-    pre = {"tokenizer": str(checkpoint / "tokenizer" / "tokenizer.json")}
+    tokenizer_json = str(checkpoint / TOKENIZER_DIR / "tokenizer.json")
     texts = [product_text(t, d) for t, d in zip(rows.titles, rows.descriptions)]
-    q_ids, q_mask = tokenize(load_tokenizer(pre["tokenizer"], model.cfg.text_cfg.query_max_length), rows.queries)
-    p_ids, p_mask = tokenize(load_tokenizer(pre["tokenizer"], model.cfg.text_cfg.max_length), texts)
+    q_ids, q_mask = tokenize(load_tokenizer(tokenizer_json, model.cfg.text_cfg.query_max_length), rows.queries)
+    p_ids, p_mask = tokenize(load_tokenizer(tokenizer_json, model.cfg.text_cfg.max_length), texts)
     inputs = {"query_tower": (q_ids, q_mask), "text_tower": (p_ids, p_mask)}
     if model.cfg.multimodal:
         pixels = np.stack([image_to_pixels(b, image_cfg) for b in rows.images if b])

@@ -206,6 +206,11 @@ def read_catalog(path: str | os.PathLike, columns: ColumnMap | None = None,
     return out, report
 
 
+def has_image_ref(ref) -> bool:
+    """Whether a catalog image cell holds something to fetch (not None, NaN or empty)."""
+    return isinstance(ref, (bytes, str)) and bool(ref)
+
+
 @dataclass
 class ImageFetcher:
     """Resolves a catalog image reference to encoded bytes; URLs are downloaded once, with limits."""

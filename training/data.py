@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from .catalog import CatalogReport, ImageFetcher
+from .catalog import CatalogReport, ImageFetcher, has_image_ref
 from .preprocess import ImageError, decode_image, product_text, resize_image
 from .queries import product_attributes
 
@@ -59,7 +59,7 @@ def load_pixels(df: pd.DataFrame, image_cfg: dict, report: CatalogReport,
     broken = []
     for i, (pid, ref) in enumerate(tqdm(zip(df["product_id"], df["image"]), total=len(df),
                                         desc="images", unit="img", mininterval=2)):
-        if not isinstance(ref, (bytes, str)) or not ref:  # None or NaN: no image (already counted)
+        if not has_image_ref(ref):  # already counted as missing by read_catalog
             continue
         try:
             pixels[i] = resize_image(decode_image(fetch(ref)), image_cfg)
