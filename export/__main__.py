@@ -32,7 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="model_repository", help="Triton model repository to write (replaced)")
     p.add_argument("--backend", choices=BACKENDS, default="python",
                    help="python: graphs run by ONNX Runtime in Python-backend models (CPU, local server); "
-                        "onnxruntime: Triton's onnxruntime backend on GPU with the TensorRT accelerator")
+                        "onnxruntime: Triton's onnxruntime backend on GPU with the TensorRT accelerator; "
+                        "tensorrt: tensorrt_plan models whose engines docker/build_engines.py builds on the GPU")
     p.add_argument("--variant", choices=("auto", *VARIANTS), default="auto",
                    help="graphs to serve; auto = int8 on CPU if it meets the quality bound "
                         f"{QUALITY_BOUND}, else optimized; fp32 on GPU (TensorRT makes FP16 engines)")
@@ -106,7 +107,7 @@ def check_loadable(graphs_dir: Path) -> None:
 def choose_variant(requested: str, backend: str, report: dict) -> str:
     if requested != "auto":
         return requested
-    if backend == "onnxruntime":
+    if backend != "python":  # GPU flavours: TensorRT builds FP16 engines from the FP32 graph
         return "fp32"
     int8 = report["variants"].get("int8", {})
     return "int8" if int8.get("meets_bound") else "optimized"

@@ -6,9 +6,12 @@ graphs, and the ensembles the client calls.
                                                       -> image_preprocess -> image_tower -> fusion -> EMBEDDING
     image_encoder   IMAGE (BYTES)                     -> query_image_preprocess -> image_tower -> image_query_head
 
-Two flavours differ only in how a graph runs: "onnxruntime" (Triton's onnxruntime backend on GPU,
-TensorRT accelerator, the NGC image) and "python" (the same model.onnx run by ONNX Runtime inside
-a Python-backend model, on CPU).
+Three flavours differ only in how a tower graph runs:
+  python       the same model.onnx run by ONNX Runtime inside a Python-backend model (CPU, local)
+  onnxruntime  Triton's onnxruntime backend on GPU with ONNX Runtime's TensorRT accelerator and an
+               engine cache: the default on GPU hosts (no build step; engines appear on first load)
+  tensorrt     platform tensorrt_plan: engines built ahead of time on the target GPU with trtexec
+               (docker/build_engines.py reads ENGINES_FILE, which lists every engine's shapes)
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from training import preprocess as preprocess_module
 from .graphs import GraphSpec, TensorSpec
 
 TRITON_MODELS = Path(__file__).parent / "triton_models"
-BACKENDS = ("python", "onnxruntime")
+BACKENDS = ("python", "onnxruntime", "tensorrt")
+ENGINES_FILE = "engines.json"  # tensorrt flavour: what docker/build_engines.py builds
 EMBEDDING = "EMBEDDING"  # every ensemble's output
 
 
@@ -101,6 +105,17 @@ def _trt_accelerator(serving: ServingCfg, name: str) -> str:
     )
 
 
+def _engine_shapes(spec: GraphSpec, fixed: dict[str, int], serving: ServingCfg) -> dict[str, dict[str, list[int]]]:
+    """trtexec optimization profile per input: batch 1..max_batch_size (opt = the largest preferred
+    batch); a dynamic sequence axis is pinned to the tokenizer's fixed padded length."""
+    opt_batch = max(s for s in serving.preferred_batch_sizes if s <= serving.max_batch_size)
+    shapes = {}
+    for t in spec.inputs:
+        dims = [fixed.get(t.name, d) if d == -1 else d for d in t.dims]
+        shapes[t.name] = {"min": [1, *dims], "opt": [opt_batch, *dims], "max": [serving.max_batch_size, *dims]}
+    return shapes
+
+
 def _tower(repo: Path, spec: GraphSpec, graph: Path, backend: str, serving: ServingCfg, delay_us: int) -> None:
     files = {"model.onnx": graph}
     if graph.with_suffix(".onnx.data").exists():
@@ -109,9 +124,12 @@ def _tower(repo: Path, spec: GraphSpec, graph: Path, backend: str, serving: Serv
         files["model.py"] = TRITON_MODELS / "onnx_runner.py"
         config = _config(spec.name, 'backend: "python"\n', spec.inputs, spec.outputs, serving, "KIND_CPU",
                          serving.tower_instances, delay_us, {"intra_op_threads": serving.intra_op_threads})
-    else:
+    elif backend == "onnxruntime":
         config = _config(spec.name, 'platform: "onnxruntime_onnx"\n', spec.inputs, spec.outputs, serving,
                          "KIND_GPU", serving.tower_instances, delay_us, extra=_trt_accelerator(serving, spec.name))
+    else:  # tensorrt: model.onnx stays beside the plan as the engine's source
+        config = _config(spec.name, 'platform: "tensorrt_plan"\n', spec.inputs, spec.outputs, serving,
+                         "KIND_GPU", serving.tower_instances, delay_us)
     _write(repo, spec.name, config, files)
 
 
@@ -163,6 +181,13 @@ def write_repository(repo: Path, checkpoint: Path, specs: dict[str, GraphSpec], 
     for name, spec in specs.items():
         delay = serving.query_queue_delay_us if name == "query_tower" else serving.product_queue_delay_us
         _tower(repo, spec, graphs_dir / f"{name}.onnx", backend, serving, delay)
+    if backend == "tensorrt":
+        lengths = {"query_tower": pre["query_max_length"], "text_tower": pre["max_length"]}
+        engines = {name: {"onnx": f"{name}/1/model.onnx", "plan": f"{name}/1/model.plan", "fp16": serving.trt_fp16,
+                          "shapes": _engine_shapes(spec, {"input_ids": lengths.get(name, -1),
+                                                          "attention_mask": lengths.get(name, -1)}, serving)}
+                   for name, spec in specs.items()}
+        (repo / ENGINES_FILE).write_text(json.dumps(engines, indent=2) + "\n")
 
     _ensemble(repo, "query_encoder", [TensorSpec("QUERY", string, (1,))], [
         ("query_tokenizer", {"QUERY": "QUERY"}, {"input_ids": "q_input_ids", "attention_mask": "q_attention_mask"}),

