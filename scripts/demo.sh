@@ -25,24 +25,24 @@ if [ "${FORCE:-0}" = 1 ]; then
     rm -rf "$RUN" "$MILVUS_URI"
 fi
 
-step "1/5 train $MODEL on $CATALOG -> $RUN (resumes; skipped when done)"
+step "1/6 train $MODEL on $CATALOG -> $RUN (resumes; skipped when done)"
 $PY -m training.train --model "$MODEL" --catalog "$CATALOG" --out "$RUN" "${limit_args[@]}"
 
-step "2/5 export $RUN -> $REPO (ONNX, parity checks, Triton configs)"
+step "2/6 export $RUN -> $REPO (ONNX, parity checks, Triton configs)"
 if [ ! -f "$REPO/export_report.json" ] || [ "$RUN/model.safetensors" -nt "$REPO/export_report.json" ]; then
     $PY -m export --checkpoint "$RUN" --out "$REPO" --backend python --catalog "$CATALOG"
 else
     echo "up to date: $REPO/export_report.json"
 fi
 
-step "3/5 start Triton on $REPO"
+step "3/6 start Triton on $REPO"
 $PY -m export.serve --model-repository "$REPO" --detach
 trap '$PY -m export.serve --stop' EXIT
 
-step "4/5 index $CATALOG into Milvus ($MILVUS_URI) through product_encoder"
+step "4/6 index $CATALOG into Milvus ($MILVUS_URI) through product_encoder"
 $PY client/index.py --catalog "$CATALOG" --milvus-uri "$MILVUS_URI" "${limit_args[@]}"
 
-step "5/5 search"
+step "5/6 search"
 for query in "red kurta for women" "men's black leather wallet" "white running shoes" "blue denim jeans"; do
     $PY client/search.py "$query" -k 5 --milvus-uri "$MILVUS_URI"
     echo
@@ -68,3 +68,6 @@ if [ -n "$example" ]; then
     echo "image query: runs/example_query.jpg (the photo of product $example)"
     $PY client/search.py --image runs/example_query.jpg -k 5 --milvus-uri "$MILVUS_URI"
 fi
+
+step "6/6 quality of the served system: the committed evaluation set through Triton + Milvus"
+$PY client/evaluate.py --catalog "$CATALOG" --milvus-uri "$MILVUS_URI" --json runs/served_eval.json

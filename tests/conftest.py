@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from export.serve import free_port
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may reach a model hub in tests
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,14 +27,6 @@ def catalog_path() -> Path:
 @pytest.fixture(scope="session")
 def sample_csv() -> Path:
     return SAMPLE_CSV
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

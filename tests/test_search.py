@@ -124,7 +124,7 @@ def test_client_imports_no_torch_and_no_transformers():
 
 def test_indexing_with_triton_down_stops_with_a_clear_message(tmp_path, catalog_path, capsys):
     from client.index import main as index_main
-    from tests.conftest import free_port
+    from export.serve import free_port
 
     code = index_main(["--catalog", str(catalog_path), "--limit", "10", "--milvus-uri", str(tmp_path / "x.db"),
                        "--triton-url", f"127.0.0.1:{free_port()}", "--retries", "0"])
@@ -155,3 +155,36 @@ def test_the_collection_records_its_metric_and_search_uses_it(triton, tmp_path, 
     assert store.collection_metric(client, "products") == "L2"
     searcher = Searcher(TritonEncoder(triton.grpc_url, "grpc"), client, "products")
     assert searcher.metric == "L2" and searcher.search("shirt", k=5).hits
+
+
+def test_served_evaluation_agrees_with_the_in_process_one(triton, milvus, milvus_path, indexed, products,
+                                                          tiny_checkpoint, catalog_path, tmp_path, capsys):
+    from client.evaluate import evaluate_served
+    from client.evaluate import main as evaluate_main
+    from training.evaluate import QuerySet, evaluate
+
+    ids, titles = products["product_id"].astype(str).tolist(), products["title"].tolist()
+    lines = [{"query": t, "relevant": [i]} for i, t in zip(ids[:60], titles[:60])]
+    lines += [{"image_product_id": i, "relevant": [i]} for i in ids[100:120]]
+    lines.append({"query": "a product that was never indexed", "relevant": ["no-such-id"]})  # dropped, as in-process
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+    served = evaluate_served(TritonEncoder(triton.grpc_url, "grpc"), milvus, queries, str(catalog_path),
+                             collection="products")
+    local = evaluate(tiny_checkpoint, QuerySet.load(queries), str(catalog_path), corpus_limit=N,
+                     cache_dir=str(tmp_path))
+    assert served["products"] == N
+    for kind in ("text", "image"):
+        a, b = served["metrics"][kind], local["metrics"][kind]
+        assert a["queries"] == b["queries"] == (60 if kind == "text" else 20)
+        for metric in ("recall@10", "recall@100", "mrr@10", "ndcg@10"):
+            assert abs(a[metric] - b[metric]) <= 0.05, (kind, metric, a[metric], b[metric])
+    assert served["metrics"]["text"]["recall@10"] >= 0.75  # exact titles, tiny model
+    assert served["metrics"]["image"]["recall@1"] >= 0.9  # a product's own photo
+
+    code = evaluate_main(["--queries", str(queries), "--catalog", str(catalog_path), "--triton-url", triton.grpc_url,
+                          "--milvus-uri", milvus_path, "--collection", "products",
+                          "--json", str(tmp_path / "served.json")])
+    assert code == 0 and "| served (300 products) | text |" in capsys.readouterr().out
+    assert json.loads((tmp_path / "served.json").read_text())["metrics"]["text"]["queries"] == 60

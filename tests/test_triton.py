@@ -136,7 +136,7 @@ def test_concurrent_requests_are_batched(triton):
 
 
 def test_unreachable_server_says_where_and_what_to_run():
-    from tests.conftest import free_port
+    from export.serve import free_port
 
     encoder = TritonEncoder(f"127.0.0.1:{free_port()}", protocol="http", timeout_s=2)
     with pytest.raises(EncoderUnavailable, match="python -m export.serve"):

@@ -27,7 +27,7 @@ from .catalog import DEFAULT_CATALOG, ColumnMap, read_catalog
 from .data import ProductSet, build_product_set
 from .encode import embed_products, embed_queries
 from .factory import create_model, create_tokenizer, load_checkpoint_config
-from .metrics import rank, retrieval_metrics
+from .metrics import format_table, rank, retrieval_metrics
 
 logger = logging.getLogger("training.evaluate")
 KS = (1, 10, 100)
@@ -121,17 +121,6 @@ def evaluate(checkpoint: str | Path, queries: QuerySet, catalog: str = DEFAULT_C
             ranked = rank(image_emb, product_emb, ids, k=max(KS))
             out["metrics"]["image"] = retrieval_metrics(ranked, [r for _, r in pairs], KS)
     return out
-
-
-def format_table(results: dict[str, dict]) -> str:
-    """Markdown table: one row per (model, query kind)."""
-    cols = ["recall@1", "recall@10", "recall@100", "ndcg@10", "mrr@10", "queries"]
-    lines = ["| model | queries | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
-    for name, result in results.items():
-        for kind, metrics in result["metrics"].items():
-            values = [f"{metrics[c]:.4f}" if isinstance(metrics[c], float) else str(metrics[c]) for c in cols]
-            lines.append(f"| {name} | {kind} | " + " | ".join(values) + " |")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -53,3 +53,14 @@ def rank(query_embeddings: np.ndarray, product_embeddings: np.ndarray, ids: Sequ
         order = np.take_along_axis(scores, top, axis=1).argsort(axis=1)[:, ::-1]
         out.extend(ids[np.take_along_axis(top, order, axis=1)].tolist())
     return out
+
+
+def format_table(results: dict[str, dict]) -> str:
+    """Markdown table: one row per (model, query kind)."""
+    cols = ["recall@1", "recall@10", "recall@100", "ndcg@10", "mrr@10", "queries"]
+    lines = ["| model | queries | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for name, result in results.items():
+        for kind, metrics in result["metrics"].items():
+            values = [f"{metrics[c]:.4f}" if isinstance(metrics[c], float) else str(metrics[c]) for c in cols]
+            lines.append(f"| {name} | {kind} | " + " | ".join(values) + " |")
+    return "\n".join(lines)

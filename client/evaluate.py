@@ -1,0 +1,137 @@
+"""Retrieval quality of the served system: queries embedded by Triton, searched in Milvus.
+
+    python client/evaluate.py --queries training/eval_sets/fashion.jsonl --json runs/served_eval.json
+
+Same query set format and metrics as `python -m training.evaluate` (which runs the PyTorch towers
+in-process); the two agree up to what the served graph variant (e.g. INT8) and the Milvus index
+change. Relevant products that are not in the collection are dropped, as the in-process
+evaluation drops those outside its corpus.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python client/evaluate.py` from a checkout
+    sys.path.insert(0, str(ROOT))
+
+from tqdm import tqdm  # noqa: E402
+
+from client import store  # noqa: E402
+from client.encoder import EncoderUnavailable, EncodingError, TritonEncoder  # noqa: E402
+from client.index import add_connection_args  # noqa: E402
+from training.catalog import DEFAULT_CATALOG, CatalogError, ColumnMap, ImageFetcher, read_catalog  # noqa: E402
+from training.metrics import KS, format_table, retrieval_metrics  # noqa: E402
+
+logger = logging.getLogger("client.evaluate")
+DEFAULT_QUERIES = ROOT / "training" / "eval_sets" / "fashion.jsonl"
+
+
+def load_queries(path: Path) -> tuple[list[dict], list[dict]]:
+    """(text queries, image queries) of a JSONL query set; a line without relevant ids is an error."""
+    texts, images = [], []
+    for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        item = json.loads(line)
+        if not item.get("relevant"):
+            raise ValueError(f"{path}:{lineno}: a query needs at least one relevant id")
+        item["relevant"] = [str(r) for r in item["relevant"]]
+        if "query" in item:
+            texts.append(item)
+        elif "image_product_id" in item:
+            images.append(item)
+        else:
+            raise ValueError(f"{path}:{lineno}: expected a 'query' or an 'image_product_id'")
+    return texts, images
+
+
+def _ranked(client, collection: str, vectors, k: int, metric: str) -> list[list[str]]:
+    return [[hit.product_id for hit in hits]
+            for hits in store.search(client, vectors, k, collection, metric=metric)]
+
+
+def evaluate_served(encoder: TritonEncoder, client, queries: Path, catalog: str | None,
+                    columns: ColumnMap | None = None, collection: str = store.COLLECTION,
+                    batch_size: int = 32) -> dict:
+    texts, images = load_queries(queries)
+    metric = store.collection_metric(client, collection)
+    client.load_collection(collection)
+    k = max(KS)
+    wanted = {r for q in texts + images for r in q["relevant"]}
+    indexed = store.existing_ids(client, sorted(wanted), collection)
+    out = {"collection": collection, "products": store.count(client, collection), "metrics": {}}
+
+    def keep(items):
+        kept = [(q, [r for r in q["relevant"] if r in indexed]) for q in items]
+        return [(q, rel) for q, rel in kept if rel]
+
+    text_items = keep(texts)
+    if text_items:
+        ranked = []
+        for start in tqdm(range(0, len(text_items), batch_size), desc="text queries", unit="batch"):
+            batch = [q["query"] for q, _ in text_items[start:start + batch_size]]
+            ranked += _ranked(client, collection, encoder.embed_queries(batch), k, metric)
+        out["metrics"]["text"] = retrieval_metrics(ranked, [rel for _, rel in text_items], KS)
+    image_items = keep(images)
+    if image_items and encoder.multimodal:
+        if catalog is None:
+            raise ValueError("image queries need --catalog (the query is a catalog product's photo)")
+        df, _ = read_catalog(catalog, columns)
+        refs = dict(zip(df["product_id"].astype(str), df["image"]))
+        fetch = ImageFetcher(base_dir=df.attrs.get("base_dir"))
+        ranked, relevant = [], []
+        for start in tqdm(range(0, len(image_items), batch_size), desc="image queries", unit="batch"):
+            batch = []
+            for q, rel in image_items[start:start + batch_size]:
+                try:
+                    batch.append((fetch(refs[q["image_product_id"]]), rel))
+                except Exception as exc:  # noqa: BLE001  (a query whose photo is unreadable is skipped, and said)
+                    logger.warning("image query %s skipped: %s", q["image_product_id"], exc)
+            if batch:
+                ranked += _ranked(client, collection, encoder.embed_images([b for b, _ in batch]), k, metric)
+                relevant += [rel for _, rel in batch]
+        if ranked:
+            out["metrics"]["image"] = retrieval_metrics(ranked, relevant, KS)
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python client/evaluate.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--queries", type=Path, default=DEFAULT_QUERIES, help="JSONL query set (training.evaluate's format)")
+    p.add_argument("--catalog", default=DEFAULT_CATALOG, help="catalog the image queries' photos come from")
+    p.add_argument("--batch-size", type=int, default=32, help="queries per Triton request and Milvus search")
+    p.add_argument("--json", dest="json_out", type=Path, help="also write the metrics to this JSON file")
+    ColumnMap.add_arguments(p)
+    add_connection_args(p)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    args = parse_args(argv)
+    try:
+        encoder = TritonEncoder(args.triton_url, args.protocol)
+        encoder.check_ready(["query_encoder"])
+        client = store.connect(args.milvus_uri, args.token, args.user, args.password)
+        if store.collection_dim(client, args.collection) is None:
+            raise store.StoreError(f"no collection {args.collection!r}: index a catalog first")
+        result = evaluate_served(encoder, client, args.queries, args.catalog, ColumnMap.from_args(args),
+                                 args.collection, args.batch_size)
+    except (EncoderUnavailable, EncodingError, store.StoreError, CatalogError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_table({f"served ({result['products']} products)": result}))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
