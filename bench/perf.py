@@ -92,8 +92,9 @@ def write_input_data(directory: Path, catalog: str, n: int) -> dict[str, Path]:
 
 
 def run_sweep(binary: str, env: dict, model: str, protocol: str, url: str, input_data: Path,
-              concurrency: list[int], window_ms: int, out_csv: Path) -> list[dict]:
-    cmd = [binary, "-m", model, "-i", protocol, "-u", url, "--input-data", str(input_data),
+              concurrency: list[int], window_ms: int, out_csv: Path, batch_size: int = 1) -> list[dict]:
+    """One perf_analyzer run per concurrency level; throughput counts items (batch_size per request)."""
+    cmd = [binary, "-m", model, "-i", protocol, "-u", url, "--input-data", str(input_data), "-b", str(batch_size),
            "--concurrency-range", f"{min(concurrency)}:{max(concurrency)}:1" if len(concurrency) > 1
            else str(concurrency[0]),
            "--measurement-interval", str(window_ms), "--stability-percentage", "20", "--max-trials", "6",
@@ -103,7 +104,7 @@ def run_sweep(binary: str, env: dict, model: str, protocol: str, url: str, input
         rows = []
         for c in concurrency:
             rows += run_sweep(binary, env, model, protocol, url, input_data, [c], window_ms,
-                              out_csv.with_name(f"{out_csv.stem}_c{c}.csv"))
+                              out_csv.with_name(f"{out_csv.stem}_c{c}.csv"), batch_size)
         return rows
     logger.info("%s", " ".join(cmd))
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -113,7 +114,8 @@ def run_sweep(binary: str, env: dict, model: str, protocol: str, url: str, input
     rows = []
     with open(out_csv) as f:
         for row in csv.DictReader(f):
-            rows.append({"model": model, "protocol": protocol, "concurrency": int(row["Concurrency"]),
+            rows.append({"model": model, "protocol": protocol, "batch": batch_size,
+                         "concurrency": int(row["Concurrency"]),
                          "throughput": float(row["Inferences/Second"]),
                          "p50_ms": float(row["p50 latency"]) / 1000, "p95_ms": float(row["p95 latency"]) / 1000,
                          "p99_ms": float(row["p99 latency"]) / 1000,
@@ -132,11 +134,12 @@ def write_results(rows: list[dict], settings: dict, out_dir: Path) -> None:
     lines = ["# perf_analyzer load tests", "",
              f"`python bench/perf.py {settings['argv']}`. Real inputs: {settings['inputs']}. "
              f"Server: {settings['server']}. Machine: {settings['machine']}.", "",
-             "| model | protocol | concurrency | infer/s | p50 ms | p95 ms | p99 ms | server queue ms "
+             "Throughput counts items (queries or products); latencies are per request.", "",
+             "| model | protocol | items/request | concurrency | items/s | p50 ms | p95 ms | p99 ms | server queue ms "
              "| server compute ms |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['protocol']} | {r['concurrency']} | {r['throughput']:.1f} | "
+        lines.append(f"| {r['model']} | {r['protocol']} | {r['batch']} | {r['concurrency']} | {r['throughput']:.1f} | "
                      f"{r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | {r['server_queue_ms']:.2f} | "
                      f"{r['server_compute_ms']:.2f} |")
     lines += ["", "Batching gain (best throughput / concurrency-1 throughput):", ""]
@@ -187,6 +190,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated ensembles to load-test")
     p.add_argument("--protocols", default="grpc,http", help="comma-separated: grpc, http")
     p.add_argument("--concurrency", default="1,2,4,8,16", help="comma-separated concurrency levels")
+    p.add_argument("--product-batch", type=int, default=16,
+                   help="products per product_encoder request (client/index.py sends 16)")
     p.add_argument("--window-ms", type=int, default=4000, help="perf_analyzer measurement interval per trial")
     p.add_argument("--out", type=Path, default=RESULTS, help="where perf_analyzer.{csv,md,png} go")
     return p.parse_args(argv)
@@ -212,8 +217,9 @@ def main(argv: list[str] | None = None) -> None:
             for model in args.models.split(","):
                 for protocol in args.protocols.split(","):
                     url = grpc_url if protocol == "grpc" else http_url
+                    batch = args.product_batch if model == "product_encoder" else 1
                     rows += run_sweep(binary, env, model, protocol, url, files[model], concurrency, args.window_ms,
-                                      Path(tmp) / f"{model}_{protocol}.csv")
+                                      Path(tmp) / f"{model}_{protocol}.csv", batch)
     finally:
         if server:
             server.stop()
