@@ -3,16 +3,28 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo test lint clean
+.PHONY: setup system-deps demo page test bench lint clean
 
 setup:
 	./scripts/setup.sh
 
+system-deps:
+	./scripts/system-deps.sh
+
 demo: setup
 	./scripts/demo.sh
 
-test: setup
+page: setup
+	./scripts/page.sh
+
+test: setup system-deps
 	$(PY) -m pytest
+
+# Serving benchmarks on what `make demo` built (about 25 minutes here); results in bench/results/.
+bench: setup system-deps
+	$(PY) bench/serving.py --checkpoint runs/mm3-concat --model-repository model_repository
+	$(PY) bench/perf.py --model-repository model_repository
+	$(PY) bench/milvus_search.py --milvus-uri runs/milvus.db --model-repository model_repository
 
 lint: setup
 	.venv/bin/ruff check .

@@ -39,6 +39,8 @@ QUERY_GRID = [
     {"query_queue_delay_us": 0, "intra_op_threads": 1, "tower_instances": 2},
     {"query_queue_delay_us": 0, "intra_op_threads": 2, "tower_instances": 1},
     {"query_queue_delay_us": 0, "intra_op_threads": 0, "tower_instances": 1, "preprocess_instances": 2},
+    {"query_queue_delay_us": 0, "intra_op_threads": 0, "tower_instances": 1, "allow_spinning": False},
+    {"query_queue_delay_us": 0, "intra_op_threads": 2, "tower_instances": 1, "allow_spinning": False},
 ]
 PRODUCT_GRID = [
     {"product_queue_delay_us": 2000, "intra_op_threads": 0, "tower_instances": 1},  # the first guess
@@ -46,6 +48,7 @@ PRODUCT_GRID = [
     {"product_queue_delay_us": 0, "intra_op_threads": 1, "tower_instances": 2},
     {"product_queue_delay_us": 0, "intra_op_threads": 0, "tower_instances": 1, "preprocess_instances": 2},
     {"product_queue_delay_us": 5000, "intra_op_threads": 0, "tower_instances": 1},
+    {"product_queue_delay_us": 0, "intra_op_threads": 0, "tower_instances": 1, "allow_spinning": False},
 ]
 
 

@@ -39,6 +39,7 @@ class ServingCfg:
     tower_instances: int = 1
     preprocess_instances: int = 1
     intra_op_threads: int = 0  # python flavour: ONNX Runtime threads per tower instance
+    allow_spinning: bool = True  # python flavour: ONNX Runtime worker threads busy-wait between runs
     query_queue_delay_us: int = 500
     product_queue_delay_us: int = 2000
     preferred_batch_sizes: tuple[int, ...] = (8, 16, 32)
@@ -123,7 +124,8 @@ def _tower(repo: Path, spec: GraphSpec, graph: Path, backend: str, serving: Serv
     if backend == "python":
         files["model.py"] = TRITON_MODELS / "onnx_runner.py"
         config = _config(spec.name, 'backend: "python"\n', spec.inputs, spec.outputs, serving, "KIND_CPU",
-                         serving.tower_instances, delay_us, {"intra_op_threads": serving.intra_op_threads})
+                         serving.tower_instances, delay_us,
+                         {"intra_op_threads": serving.intra_op_threads, "allow_spinning": int(serving.allow_spinning)})
     elif backend == "onnxruntime":
         config = _config(spec.name, 'platform: "onnxruntime_onnx"\n', spec.inputs, spec.outputs, serving,
                          "KIND_GPU", serving.tower_instances, delay_us, extra=_trt_accelerator(serving, spec.name))

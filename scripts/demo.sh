@@ -71,3 +71,5 @@ fi
 
 step "6/6 quality of the served system: the committed evaluation set through Triton + Milvus"
 $PY client/evaluate.py --catalog "$CATALOG" --milvus-uri "$MILVUS_URI" --json runs/served_eval.json
+echo
+echo "search page: \`make page\` (or scripts/page.sh), then open http://127.0.0.1:${PORT:-8080}/"

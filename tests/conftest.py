@@ -64,3 +64,29 @@ def triton(tiny_repository, tmp_path_factory):
     server.start(timeout_s=180)
     yield server
     server.stop()
+
+
+N_INDEXED = 300  # catalog products the shared collection holds
+
+
+@pytest.fixture(scope="session")
+def milvus_path(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("milvus") / "test.db")
+
+
+@pytest.fixture(scope="session")
+def milvus(milvus_path):
+    from client import store
+
+    client = store.connect(milvus_path)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def indexed(triton, milvus, catalog_path):
+    """The first N_INDEXED catalog products, indexed through the real Triton into Milvus Lite."""
+    from client.index import Indexer
+
+    indexer = Indexer(triton.grpc_url, "grpc", milvus, "products", batch_size=16, concurrency=3)
+    return indexer.run(str(catalog_path), limit=N_INDEXED)

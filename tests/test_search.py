@@ -11,29 +11,10 @@ from client.encoder import TritonEncoder
 from client.index import Indexer
 from client.search import Searcher, build_filter, parse_args
 from client.search import main as search_main
+from tests.conftest import N_INDEXED as N
 from training.catalog import read_catalog
 
 pytestmark = pytest.mark.server
-N = 300
-
-
-@pytest.fixture(scope="module")
-def milvus_path(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("milvus") / "test.db")
-
-
-@pytest.fixture(scope="module")
-def milvus(milvus_path):
-    client = store.connect(milvus_path)
-    yield client
-    client.close()
-
-
-@pytest.fixture(scope="module")
-def indexed(triton, milvus, catalog_path):
-    indexer = Indexer(triton.grpc_url, "grpc", milvus, "products", batch_size=16, concurrency=3)
-    report = indexer.run(str(catalog_path), limit=N)
-    return report
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +96,7 @@ def test_empty_query_is_refused_by_the_cli(capsys):
 
 
 def test_client_imports_no_torch_and_no_transformers():
-    code = ("import sys, client.search, client.index, client.encoder, client.store; "
+    code = ("import sys, client.search, client.index, client.encoder, client.store, client.evaluate, client.app; "
             "bad = [m for m in ('torch', 'transformers', 'open_clip') if m in sys.modules]; "
             "print(json.dumps(bad))")
     out = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True, check=True)

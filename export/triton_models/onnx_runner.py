@@ -3,7 +3,8 @@
 The production flavour serves the same file with Triton's onnxruntime backend; this model exists
 because that backend is not installable on the machines the project is developed on. Requests
 that the dynamic batcher hands over together are run as one ONNX Runtime call.
-Parameters: intra_op_threads (0 = ONNX Runtime's default).
+Parameters: intra_op_threads (0 = ONNX Runtime's default), allow_spinning ("0" stops idle worker
+threads from busy-waiting, which on a small CPU steals cycles from the other models' processes).
 """
 
 import json
@@ -22,6 +23,7 @@ class TritonPythonModel:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = int(params.get("intra_op_threads", "0"))
         options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", params.get("allow_spinning", "1"))
         path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         self.inputs = [(i["name"], pb_utils.triton_string_to_numpy(i["data_type"])) for i in config["input"]]

@@ -1,0 +1,242 @@
+"""A search page and JSON API over the same client code: text or photo -> Triton -> Milvus -> product cards.
+
+    python client/app.py --catalog ../shared/data/fashion/catalog.parquet --port 8080
+
+API (OpenAPI schema at /docs and /openapi.json):
+    GET  /api/search?q=red+kurta&k=12&colour=Red&gender=Women&min_price=10&max_price=60
+    POST /api/search/image   (multipart: file, plus the same filters as form fields)
+    GET  /api/health         which dependency is unhealthy, answered within the timeouts
+    GET  /images/{id}        the product's photo from the catalog (bytes, path or URL), cacheable
+Errors are JSON {"error": "..."}: 400 bad input, 413 upload too large, 503 Triton or Milvus down.
+No torch: tritonclient, pymilvus, fastapi.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import sys
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python client/app.py` from a checkout
+    sys.path.insert(0, str(ROOT))
+
+from fastapi import FastAPI, File, Form, Query, Request, UploadFile  # noqa: E402
+from fastapi.responses import FileResponse, JSONResponse, Response  # noqa: E402
+
+from client import store  # noqa: E402
+from client.encoder import EncoderUnavailable, EncodingError, TritonEncoder  # noqa: E402
+from client.index import add_connection_args  # noqa: E402
+from client.search import FILTERS, Searcher, SearchResult  # noqa: E402
+from training.catalog import DEFAULT_CATALOG, ColumnMap, ImageFetcher, has_image_ref, read_catalog  # noqa: E402
+
+logger = logging.getLogger("client.app")
+PAGE = Path(__file__).parent / "static" / "index.html"
+MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # the image models refuse more anyway; refuse before sending it
+IMAGE_TYPES = {b"\xff\xd8": "image/jpeg", b"\x89P": "image/png", b"RI": "image/webp", b"GI": "image/gif"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class Backend:
+    """Triton + Milvus connections, made lazily and remade after a failure, so the page starts (and says
+    what is down) even when a dependency is."""
+
+    def __init__(self, triton_url: str, protocol: str, milvus_uri: str, collection: str, index_type: str,
+                 timeout_s: float, milvus_credentials: tuple[str | None, str | None, str | None]):
+        self.triton_url, self.protocol, self.timeout_s = triton_url, protocol, timeout_s
+        self.milvus_uri, self.collection, self.index_type = milvus_uri, collection, index_type
+        self.credentials = milvus_credentials
+        self._searcher: Searcher | None = None
+        self._lock = threading.Lock()
+
+    def searcher(self) -> Searcher:
+        with self._lock:
+            if self._searcher is None:
+                encoder = TritonEncoder(self.triton_url, self.protocol, timeout_s=self.timeout_s)
+                encoder.check_ready(["query_encoder"])
+                client = store.connect(self.milvus_uri, *self.credentials, timeout_s=self.timeout_s)
+                self._searcher = Searcher(encoder, client, self.collection, self.index_type)
+            return self._searcher
+
+    def reset(self) -> None:
+        with self._lock:
+            self._searcher = None
+
+    def search(self, text: str | None, image: bytes | None, k: int, expression: str) -> SearchResult:
+        try:
+            return self.searcher().search(text, image, k, expression)
+        except EncodingError as exc:
+            raise ApiError(400, str(exc)) from None
+        except EncoderUnavailable as exc:
+            self.reset()
+            raise ApiError(503, f"Triton is unavailable: {exc}") from None
+        except store.StoreError as exc:
+            self.reset()
+            raise ApiError(503, f"Milvus: {exc}") from None
+        except Exception as exc:  # pymilvus raises its own types for timeouts and lost connections
+            self.reset()
+            logger.exception("search failed")
+            raise ApiError(503, f"search backend failed: {type(exc).__name__}: {exc}") from None
+
+    def health(self) -> dict:
+        out = {}
+        try:
+            TritonEncoder(self.triton_url, self.protocol, timeout_s=min(self.timeout_s, 3.0)).check_ready(
+                ["query_encoder"])
+            out["triton"] = "ok"
+        except Exception as exc:  # noqa: BLE001  (reported, not raised: this is the health page)
+            out["triton"] = f"unhealthy: {exc}"
+        try:
+            client = store.connect(self.milvus_uri, *self.credentials, timeout_s=min(self.timeout_s, 3.0))
+            out["milvus"] = "ok" if store.collection_dim(client, self.collection) else \
+                f"unhealthy: no collection {self.collection!r} (index a catalog first)"
+        except Exception as exc:  # noqa: BLE001
+            out["milvus"] = f"unhealthy: {exc}"
+        return out
+
+
+class CatalogImages:
+    """Product photos by id from the catalog the collection was indexed from (bytes, paths or URLs)."""
+
+    def __init__(self, catalog: str | None, columns: ColumnMap | None):
+        self.refs: dict[str, object] = {}
+        self.fetch = None
+        if catalog:
+            df, _ = read_catalog(catalog, columns)
+            self.refs = {str(i): ref for i, ref in zip(df["product_id"], df["image"]) if has_image_ref(ref)}
+            self.fetch = ImageFetcher(base_dir=df.attrs.get("base_dir"))
+
+    def get(self, product_id: str) -> bytes | None:
+        ref = self.refs.get(product_id)
+        if ref is None or self.fetch is None:
+            return None
+        try:
+            return self.fetch(ref)
+        except (OSError, ValueError):
+            return None
+
+
+def _hits(result: SearchResult) -> dict:
+    return {"query": result.query, "embed_ms": round(result.embed_ms, 2), "search_ms": round(result.search_ms, 2),
+            "hits": [{**asdict(h), "image_url": f"/images/{h.product_id}"} for h in result.hits]}
+
+
+def _filters(**values) -> str:
+    parts, params = [], {}
+    for name, value in values.items():
+        if value is None or value == "":
+            continue
+        template, kind = FILTERS[name]
+        try:
+            params[name] = kind(value)
+        except ValueError:
+            raise ApiError(400, f"{name} must be a {kind.__name__}, not {value!r}") from None
+        parts.append(template)
+    return store.render_filter(" and ".join(parts), params) if parts else ""
+
+
+def create_app(backend: Backend, images: CatalogImages, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
+    app = FastAPI(title="mmsearch", description="Multimodal product search: text or photo to products.",
+                  version="0.1.0")
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(PAGE, media_type="text/html")
+
+    @app.get("/api/health", summary="Which dependency is unhealthy")
+    def health() -> JSONResponse:
+        status = backend.health()
+        ok = all(v == "ok" for v in status.values())
+        return JSONResponse(status, status_code=200 if ok else 503)
+
+    @app.get("/api/search", summary="Text search")
+    def search_text(q: str = Query(..., description="what to look for, in words"),
+                    k: int = Query(12, ge=1, le=100, description="number of results"),
+                    category: str | None = None, article_type: str | None = None, colour: str | None = None,
+                    gender: str | None = None, usage: str | None = None,
+                    min_price: float | None = None, max_price: float | None = None) -> dict:
+        if not q.strip():
+            raise ApiError(400, "empty query: type some words to search for")
+        expression = _filters(category=category, article_type=article_type, colour=colour, gender=gender,
+                              usage=usage, min_price=min_price, max_price=max_price)
+        return _hits(backend.search(q, None, k, expression))
+
+    @app.post("/api/search/image", summary="Search with a photo (JPEG, PNG or WebP)")
+    def search_image(file: UploadFile = File(..., description="the photo"), k: int = Form(12, ge=1, le=100),
+                     category: str | None = Form(None), colour: str | None = Form(None),
+                     gender: str | None = Form(None), min_price: float | None = Form(None),
+                     max_price: float | None = Form(None)) -> dict:
+        data = file.file.read(max_upload_bytes + 1)
+        if len(data) > max_upload_bytes:
+            raise ApiError(413, f"upload too large: the limit is {max_upload_bytes // (1024 * 1024)} MB")
+        if not data:
+            raise ApiError(400, "empty upload: choose a photo")
+        expression = _filters(category=category, colour=colour, gender=gender, min_price=min_price,
+                              max_price=max_price)
+        result = backend.search(None, data, k, expression)
+        result.query = file.filename or "<image>"
+        return _hits(result)
+
+    @app.get("/images/{product_id}", summary="A product's photo, from the catalog")
+    def image(product_id: str, request: Request) -> Response:
+        data = images.get(product_id)
+        if data is None:
+            return JSONResponse({"error": f"no image for product {product_id!r}"}, status_code=404)
+        etag = '"' + hashlib.sha1(data).hexdigest()[:16] + '"'
+        headers = {"Cache-Control": "public, max-age=86400", "ETag": etag}
+        if request.headers.get("if-none-match") == etag:
+            return Response(status_code=304, headers=headers)
+        media = next((t for magic, t in IMAGE_TYPES.items() if data.startswith(magic)), "application/octet-stream")
+        return Response(data, media_type=media, headers=headers)
+
+    return app
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python client/app.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the page)")
+    p.add_argument("--port", type=int, default=8080, help="port of the page and API")
+    p.add_argument("--catalog", default=DEFAULT_CATALOG, help="catalog the product photos are served from")
+    p.add_argument("--index-type", choices=list(store.INDEX_PARAMS), default="AUTOINDEX",
+                   help="index type the collection was built with (sets the search parameters)")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds before a Triton or Milvus call gives up")
+    p.add_argument("--max-upload-mb", type=int, default=MAX_UPLOAD_BYTES // (1024 * 1024),
+                   help="largest photo accepted for image search")
+    add_connection_args(p)
+    ColumnMap.add_arguments(p)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    started = time.perf_counter()
+    images = CatalogImages(args.catalog, ColumnMap.from_args(args))
+    logger.info("catalog images: %d products (%.1fs)", len(images.refs), time.perf_counter() - started)
+    backend = Backend(args.triton_url, args.protocol, args.milvus_uri, args.collection, args.index_type,
+                      args.timeout, (args.token, args.user, args.password))
+    print(f"search page: http://{args.host}:{args.port}/  (API docs: http://{args.host}:{args.port}/docs)",
+          flush=True)
+    uvicorn.run(create_app(backend, images, args.max_upload_mb * 1024 * 1024), host=args.host, port=args.port,
+                log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

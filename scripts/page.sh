@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The search page on what `make demo` built: Triton (detached) + client/app.py in the foreground.
+#   make page        then open http://127.0.0.1:8080/      (PORT, REPO, MILVUS_URI, CATALOG as in demo.sh)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CATALOG=${CATALOG:-../shared/data/fashion/catalog.parquet}
+REPO=${REPO:-model_repository}
+MILVUS_URI=${MILVUS_URI:-runs/milvus.db}
+PORT=${PORT:-8080}
+PY=.venv/bin/python
+$PY -m export.serve --model-repository "$REPO" --detach
+trap '$PY -m export.serve --stop' EXIT
+$PY client/app.py --catalog "$CATALOG" --milvus-uri "$MILVUS_URI" --port "$PORT"

@@ -1,0 +1,140 @@
+"""The search page and its JSON API, against the real Triton and Milvus Lite; end to end in headless Chromium."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+
+import pytest
+
+from client.app import Backend, CatalogImages, create_app
+from export.serve import free_port
+from tests.conftest import N_INDEXED
+from training.catalog import read_catalog
+
+pytestmark = pytest.mark.server
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def products(catalog_path):
+    df, _ = read_catalog(catalog_path, limit=N_INDEXED)
+    return df
+
+
+@pytest.fixture(scope="module")
+def app(triton, milvus_path, indexed, catalog_path):
+    backend = Backend(triton.grpc_url, "grpc", milvus_path, "products", "AUTOINDEX", 5.0, (None, None, None))
+    return create_app(backend, CatalogImages(str(catalog_path), None), max_upload_bytes=1024 * 1024)
+
+
+@pytest.fixture(scope="module")
+def api(app):
+    from fastapi.testclient import TestClient
+
+    return TestClient(app)
+
+
+def test_text_search_api_returns_cards_with_images(api, products):
+    title = products.title[5]
+    body = api.get("/api/search", params={"q": title, "k": 5}).json()
+    assert body["query"] == title and len(body["hits"]) == 5
+    assert str(products.product_id[5]) in [h["product_id"] for h in body["hits"][:3]]
+    hit = body["hits"][0]
+    assert {"title", "article_type", "base_colour", "gender", "price"} <= set(hit["fields"])
+    image = api.get(hit["image_url"])
+    assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"
+    assert "max-age" in image.headers["cache-control"]
+    again = api.get(hit["image_url"], headers={"If-None-Match": image.headers["etag"]})
+    assert again.status_code == 304
+
+
+def test_filters_and_image_search(api, products):
+    body = api.get("/api/search", params={"q": "shirt", "gender": "Women", "max_price": 60, "k": 10}).json()
+    assert body["hits"] and all(h["fields"]["gender"] == "Women" and h["fields"]["price"] <= 60
+                                for h in body["hits"])
+    photo = bytes(products.image[3])
+    found = api.post("/api/search/image", files={"file": ("shirt.jpg", photo, "image/jpeg")}, data={"k": "3"}).json()
+    assert found["hits"][0]["product_id"] == str(products.product_id[3])
+
+
+def test_api_errors_are_clear_json(api, products):
+    cases = [
+        (api.get("/api/search", params={"q": "   "}), 400, "empty query"),
+        (api.get("/api/search", params={"q": "shoes", "k": 0}), 422, None),
+        (api.post("/api/search/image", files={"file": ("x.jpg", b"not an image", "image/jpeg")}), 400, "bad image"),
+        (api.post("/api/search/image", files={"file": ("x.jpg", b"", "image/jpeg")}), 400, "empty upload"),
+        (api.post("/api/search/image", files={"file": ("big.jpg", b"\xff" * (2 * 1024 * 1024), "image/jpeg")}),
+         413, "too large"),
+        (api.get("/images/no-such-product"), 404, "no image"),
+    ]
+    for response, status, words in cases:
+        assert response.status_code == status, response.text
+        if words:
+            assert words in response.json()["error"]
+    assert "/api/search" in api.get("/openapi.json").json()["paths"]
+    assert api.get("/api/health").json() == {"triton": "ok", "milvus": "ok"}
+
+
+def test_dependencies_down_answer_fast_with_a_status(milvus_path, catalog_path, tmp_path):
+    from fastapi.testclient import TestClient
+
+    backend = Backend(f"127.0.0.1:{free_port()}", "grpc", str(tmp_path / "empty.db"), "products", "AUTOINDEX", 2.0,
+                      (None, None, None))
+    client = TestClient(create_app(backend, CatalogImages(None, None)))
+    started = time.monotonic()
+    response = client.get("/api/search", params={"q": "red kurta"})
+    assert response.status_code == 503 and "Triton is unavailable" in response.json()["error"]
+    health = client.get("/api/health")
+    assert health.status_code == 503
+    assert health.json()["triton"].startswith("unhealthy") and "no collection" in health.json()["milvus"]
+    assert time.monotonic() - started < 15
+    assert "<form" in client.get("/").text  # the page itself still loads
+
+
+@pytest.fixture(scope="module")
+def served_page(app):
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_page_end_to_end_in_headless_chromium(served_page, products, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    assert CHROMIUM, "chromium is missing: run scripts/system-deps.sh (make test does)"
+    photo = tmp_path / "query.jpg"
+    photo.write_bytes(bytes(products.image[3]))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.goto(served_page)
+        page.wait_for_selector("#status >> text=triton: ok")
+        page.fill("#q", products.title[5])
+        page.click("button[type=submit]")
+        page.wait_for_selector(".card")
+        page.wait_for_function(
+            "[...document.querySelectorAll('.card img')].every(i => i.complete && i.naturalWidth > 0)")
+        titles = page.locator(".card .title").all_inner_texts()
+        assert products.title[5] in titles[:3]
+        page.screenshot(path=str(tmp_path / "text_search.png"))
+
+        page.set_input_files("#file", str(photo))
+        page.wait_for_selector('#summary >> text=results for "query.jpg"')
+        first = page.locator(".card .score").first.inner_text()
+        assert str(products.product_id[3]) in first
+
+        page.fill("#q", "   ")
+        page.click("button[type=submit]")
+        assert "Type some words" in page.locator("#message").inner_text()
+        browser.close()
+    assert (tmp_path / "text_search.png").stat().st_size > 10_000  # kept in pytest's tmp dir for a look

@@ -1,0 +1,141 @@
+"""Faults: Triton killed mid-indexing, Milvus Lite killed hard, a model reloaded under load."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client import store
+from client.encoder import EncoderUnavailable, TritonEncoder
+from client.index import Indexer
+from export.serve import TritonServer, free_port
+from training.catalog import read_catalog
+
+pytestmark = pytest.mark.server
+N = 400
+
+
+def _server(repository, tmp_path, **kwargs) -> TritonServer:
+    return TritonServer(repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                        log_file=tmp_path / f"triton-{time.monotonic_ns()}.log", **kwargs)
+
+
+def _kill_when(server: TritonServer, inferences: int) -> threading.Thread:
+    """SIGKILL the server's whole process group (stubs included) once product_encoder has served enough."""
+    import tritonclient.http as http
+
+    def watch():
+        client = http.InferenceServerClient(server.http_url)
+        while True:
+            stats = client.get_inference_statistics("product_encoder")["model_stats"][0]
+            if stats["inference_count"] >= inferences:
+                os.killpg(server.process.pid, signal.SIGKILL)
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_triton_killed_mid_indexing_then_a_rerun_completes_exactly_once(tiny_repository, catalog_path, tmp_path):
+    client = store.connect(str(tmp_path / "fault.db"))
+    first = _server(tiny_repository, tmp_path).start()
+    killer = _kill_when(first, 120)
+    indexer = Indexer(first.grpc_url, "grpc", client, "products", batch_size=8, concurrency=2, retries=2,
+                      backoff_s=0.2, timeout_s=10)
+    started = time.monotonic()
+    with pytest.raises(EncoderUnavailable, match="python -m export.serve"):
+        indexer.run(str(catalog_path), limit=N)
+    killer.join(5)
+    assert time.monotonic() - started < 60  # retried with backoff, then gave up: no hang
+    kept = store.count(client, "products")
+    assert 0 < kept < N  # what was embedded before the crash was stored
+
+    second = _server(tiny_repository, tmp_path).start()
+    try:
+        report = Indexer(second.grpc_url, "grpc", client, "products").run(str(catalog_path), limit=N)
+    finally:
+        second.stop()
+    assert report.skipped == kept and report.indexed == N - kept and not report.failed
+    df, _ = read_catalog(catalog_path, limit=N)
+    assert store.count(client, "products") == N
+    assert store.existing_ids(client, df.product_id.astype(str), "products") == set(df.product_id.astype(str))
+    client.close()
+
+
+WRITER = textwrap.dedent("""
+    import sys, numpy as np
+    from client import store
+    client = store.connect(sys.argv[1])
+    store.ensure_collection(client, 8, "products", "FLAT")
+    vectors = np.eye(8, dtype=np.float32)[np.arange(300) % 8] + np.arange(300)[:, None] * 1e-3
+    rows = [store.make_row({"product_id": f"p{i}", "title": f"product {i}", "price": i}, v)
+            for i, v in enumerate(vectors)]
+    for start in range(0, 300, 100):
+        store.upsert(client, rows[start:start + 100], "products")
+    print("written", flush=True)
+    import time; time.sleep(600)
+""")
+
+
+def test_milvus_lite_data_survives_a_hard_kill(tmp_path):
+    db = str(tmp_path / "killed.db")
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, db], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True, cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert writer.stdout.readline().strip() == "written"
+    finally:
+        os.killpg(writer.pid, signal.SIGKILL)  # the writer and its Milvus Lite server, no clean shutdown
+        writer.wait()
+    client = store.connect(db)
+    assert store.count(client, "products") == 300
+    hits = store.search(client, [np.eye(8, dtype=np.float32)[3]], k=1, collection="products", index_type="FLAT")
+    assert hits[0][0].product_id in {f"p{i}" for i in range(3, 300, 8)}
+    assert client.get("products", ids=["p299"], output_fields=["title"])[0]["title"] == "product 299"
+    client.close()
+
+
+def test_reloading_a_model_under_load_fails_no_query(tiny_repository, tmp_path):
+    import tritonclient.http as http
+
+    server = _server(tiny_repository, tmp_path, model_control="explicit", admin_key="s3cret").start()
+    try:
+        admin = http.InferenceServerClient(server.http_url)
+        with pytest.raises(Exception, match="(?i)unauthori|admin|not allowed|restricted"):
+            admin.load_model("query_tower")  # no key: refused
+        encoder = TritonEncoder(server.grpc_url, "grpc")
+        errors, done, stop = [], [0], threading.Event()
+
+        def load():
+            while not stop.is_set():
+                try:
+                    encoder.embed_queries(["navy blue formal shirt"])
+                    done[0] += 1
+                except Exception as exc:  # noqa: BLE001  (every failure is a test failure)
+                    errors.append(exc)
+
+        threads = [threading.Thread(target=load) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        for model in ("query_tower", "query_tokenizer", "query_encoder"):
+            admin.load_model(model, headers={"admin-key": "s3cret"})  # reload in place
+        time.sleep(1.0)
+        stop.set()
+        for t in threads:
+            t.join()
+        assert not errors, errors[:3]
+        assert done[0] > 20
+        assert admin.is_model_ready("query_encoder")
+    finally:
+        server.stop()
