@@ -97,7 +97,7 @@ def run_sweep(binary: str, env: dict, model: str, protocol: str, url: str, input
     cmd = [binary, "-m", model, "-i", protocol, "-u", url, "--input-data", str(input_data), "-b", str(batch_size),
            "--concurrency-range", f"{min(concurrency)}:{max(concurrency)}:1" if len(concurrency) > 1
            else str(concurrency[0]),
-           "--measurement-interval", str(window_ms), "--stability-percentage", "20", "--max-trials", "6",
+           "--measurement-interval", str(window_ms), "--stability-percentage", "50", "--max-trials", "10",
            "--percentile", "99", "-f", str(out_csv), "--verbose-csv"]
     if len(concurrency) > 1 and concurrency != list(range(min(concurrency), max(concurrency) + 1)):
         # perf_analyzer's range is arithmetic; run the listed levels one by one instead

@@ -31,24 +31,25 @@ from training.factory import get_model_config, load_checkpoint_config  # noqa: E
 logger = logging.getLogger("bench.tune")
 RESULTS = ROOT / "bench" / "results"
 
+# Query settings apply to the query tower (and tokenizer); product settings to the product-side towers.
 QUERY_GRID = [
-    {"query_queue_delay_us": 500, "intra_op_threads": 0, "tower_instances": 1},  # the first guess
-    {"query_queue_delay_us": 0, "intra_op_threads": 0, "tower_instances": 1},
-    {"query_queue_delay_us": 100, "intra_op_threads": 0, "tower_instances": 1},
-    {"query_queue_delay_us": 0, "intra_op_threads": 1, "tower_instances": 1},
-    {"query_queue_delay_us": 0, "intra_op_threads": 1, "tower_instances": 2},
-    {"query_queue_delay_us": 0, "intra_op_threads": 2, "tower_instances": 1},
-    {"query_queue_delay_us": 0, "intra_op_threads": 0, "tower_instances": 1, "preprocess_instances": 2},
-    {"query_queue_delay_us": 0, "intra_op_threads": 0, "tower_instances": 1, "allow_spinning": False},
-    {"query_queue_delay_us": 0, "intra_op_threads": 2, "tower_instances": 1, "allow_spinning": False},
+    {"query_queue_delay_us": 500, "query_intra_op_threads": 0, "query_tower_instances": 1},
+    {"query_queue_delay_us": 0, "query_intra_op_threads": 0, "query_tower_instances": 1},
+    {"query_queue_delay_us": 100, "query_intra_op_threads": 0, "query_tower_instances": 1},
+    {"query_queue_delay_us": 500, "query_intra_op_threads": 1, "query_tower_instances": 2},
+    {"query_queue_delay_us": 500, "query_intra_op_threads": 2, "query_tower_instances": 1},
+    {"query_queue_delay_us": 500, "query_intra_op_threads": 0, "query_tower_instances": 1, "preprocess_instances": 2},
+    {"query_queue_delay_us": 500, "query_intra_op_threads": 0, "query_tower_instances": 1, "allow_spinning": False},
 ]
 PRODUCT_GRID = [
     {"product_queue_delay_us": 2000, "intra_op_threads": 0, "tower_instances": 1},  # the first guess
     {"product_queue_delay_us": 0, "intra_op_threads": 0, "tower_instances": 1},
-    {"product_queue_delay_us": 0, "intra_op_threads": 1, "tower_instances": 2},
-    {"product_queue_delay_us": 0, "intra_op_threads": 0, "tower_instances": 1, "preprocess_instances": 2},
-    {"product_queue_delay_us": 5000, "intra_op_threads": 0, "tower_instances": 1},
     {"product_queue_delay_us": 0, "intra_op_threads": 0, "tower_instances": 1, "allow_spinning": False},
+    {"product_queue_delay_us": 2000, "intra_op_threads": 1, "tower_instances": 2},
+    {"product_queue_delay_us": 0, "intra_op_threads": 1, "tower_instances": 2},
+    {"product_queue_delay_us": 0, "intra_op_threads": 1, "tower_instances": 3},
+    {"product_queue_delay_us": 0, "intra_op_threads": 1, "tower_instances": 2, "preprocess_instances": 2},
+    {"product_queue_delay_us": 0, "intra_op_threads": 1, "tower_instances": 2, "allow_spinning": False},
 ]
 
 
@@ -81,7 +82,7 @@ def measure(checkpoint: Path, variant: str, settings: dict, model: str, input_da
 def summarize(result: dict, argv: str) -> str:
     lines = ["# Triton serving settings, tuned by measurement", "",
              f"`python bench/tune.py {argv}`; {result['variant']} graphs, python-backend flavour, perf_analyzer over "
-             "gRPC with real inputs. Settings not listed keep `ServingCfg`'s defaults.", "",
+             "gRPC with real inputs. Settings not listed keep `ServingCfg`'s defaults of that run (below).", "",
              "## Query path (query_encoder, one query a request)", "",
              "| settings | p50 ms (c=1) | p99 ms (c=1) | queries/s (c=1) | queries/s (c=8) | p99 ms (c=8) |",
              "|---|---|---|---|---|---|"]
@@ -93,6 +94,7 @@ def summarize(result: dict, argv: str) -> str:
     for r in result["product"]:
         lines.append(f"| `{json.dumps(r['settings'])}` | {r['products_per_s']:.1f} | {r['p50_ms']:.1f} | "
                      f"{r['p99_ms']:.1f} |")
+    lines += ["", f"ServingCfg defaults during this run: `{json.dumps(result['defaults'])}`"]
     return "\n".join(lines) + "\n"
 
 
@@ -112,7 +114,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = parse_args(argv)
     binary, env = locate_perf_analyzer()
-    result = {"variant": args.variant, "query": [], "product": []}
+    defaults = {f.name: f.default for f in dataclasses.fields(ServingCfg) if f.default is not dataclasses.MISSING}
+    result = {"variant": args.variant, "defaults": {k: v for k, v in defaults.items() if not isinstance(v, dict)},
+              "query": [], "product": []}
     with tempfile.TemporaryDirectory() as tmp:
         files = write_input_data(Path(tmp), args.catalog, 200)
         for path, grid, model in (("query", QUERY_GRID, "query_encoder"), ("product", PRODUCT_GRID, "product_encoder")):
@@ -128,8 +132,6 @@ def main(argv: list[str] | None = None) -> None:
     text = summarize(result, " ".join(argv if argv is not None else sys.argv[1:]))
     (args.out / "tuning.md").write_text(text)
     print(text)
-    defaults = {f.name: f.default for f in dataclasses.fields(ServingCfg) if f.default is not dataclasses.MISSING}
-    print("current ServingCfg defaults:", json.dumps({k: v for k, v in defaults.items() if not isinstance(v, dict)}))
 
 
 if __name__ == "__main__":

@@ -45,9 +45,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int, default=ServingCfg.max_batch_size,
                    help="max_batch_size of every model")
     p.add_argument("--tower-instances", type=int, default=ServingCfg.tower_instances,
-                   help="instances of each tower model")
+                   help="instances of each product-side tower model (text, image, fusion, image-query head)")
+    p.add_argument("--query-tower-instances", type=int, default=ServingCfg.query_tower_instances,
+                   help="instances of the query tower")
+    p.add_argument("--query-intra-op-threads", type=int, default=ServingCfg.query_intra_op_threads,
+                   help="python backend: ONNX Runtime intra-op threads of the query tower (0 = all cores)")
     p.add_argument("--intra-op-threads", type=int, default=ServingCfg.intra_op_threads,
-                   help="python backend: ONNX Runtime intra-op threads per tower instance (0 = all cores)")
+                   help="python backend: ONNX Runtime intra-op threads per product-side tower instance (0 = all cores)")
     p.add_argument("--query-queue-delay-us", type=int, default=ServingCfg.query_queue_delay_us,
                    help="dynamic batching delay of the query path (latency-bound)")
     p.add_argument("--product-queue-delay-us", type=int, default=ServingCfg.product_queue_delay_us,
@@ -131,7 +135,9 @@ def main(argv: list[str] | None = None) -> None:
     if not report["variants"].get(report["variant"], {}).get("meets_bound") and args.variant == "auto":
         logger.warning("no variant meets the quality bound %s; serving %s anyway", QUALITY_BOUND, report["variant"])
     serving = ServingCfg(max_batch_size=args.max_batch_size, tower_instances=args.tower_instances,
-                         intra_op_threads=args.intra_op_threads, query_queue_delay_us=args.query_queue_delay_us,
+                         intra_op_threads=args.intra_op_threads, query_tower_instances=args.query_tower_instances,
+                         query_intra_op_threads=args.query_intra_op_threads,
+                         query_queue_delay_us=args.query_queue_delay_us,
                          product_queue_delay_us=args.product_queue_delay_us)
     previous = out / REPORT_FILE
     if previous.is_file():  # replace what an earlier export wrote, and only that

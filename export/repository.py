@@ -33,15 +33,23 @@ EMBEDDING = "EMBEDDING"  # every ensemble's output
 
 @dataclass
 class ServingCfg:
-    """Batching and instance settings (chosen by measurement: see bench/ and the README)."""
+    """Batching and instance settings, chosen by measurement (bench/tune.py -> bench/results/tuning.md).
+
+    The query path is latency-bound: one instance using every core. The product path (indexing) is
+    throughput-bound: two single-threaded instances per product tower let the text and image towers of
+    different requests run side by side (1.8x the products/s of one two-thread instance on 2 cores).
+    """
 
     max_batch_size: int = 64
-    tower_instances: int = 1
+    tower_instances: int = 2  # per product-side tower (text, image, fusion, image-query head)
+    intra_op_threads: int = 1  # python flavour: ONNX Runtime threads per product-side tower instance
+    query_tower_instances: int = 1
+    query_intra_op_threads: int = 0  # 0 = ONNX Runtime's default (all cores)
     preprocess_instances: int = 1
-    intra_op_threads: int = 0  # python flavour: ONNX Runtime threads per tower instance
     allow_spinning: bool = True  # python flavour: ONNX Runtime worker threads busy-wait between runs
-    query_queue_delay_us: int = 500
-    product_queue_delay_us: int = 2000
+    # 0: requests that queue while a model is busy are still batched; waiting only adds latency here
+    query_queue_delay_us: int = 0
+    product_queue_delay_us: int = 0
     preferred_batch_sizes: tuple[int, ...] = (8, 16, 32)
     max_image_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = preprocess_module.DEFAULT_MAX_PIXELS
@@ -117,21 +125,24 @@ def _engine_shapes(spec: GraphSpec, fixed: dict[str, int], serving: ServingCfg) 
     return shapes
 
 
-def _tower(repo: Path, spec: GraphSpec, graph: Path, backend: str, serving: ServingCfg, delay_us: int) -> None:
+def _tower(repo: Path, spec: GraphSpec, graph: Path, backend: str, serving: ServingCfg, delay_us: int,
+           query: bool = False) -> None:
+    instances = serving.query_tower_instances if query else serving.tower_instances
+    threads = serving.query_intra_op_threads if query else serving.intra_op_threads
     files = {"model.onnx": graph}
     if graph.with_suffix(".onnx.data").exists():
         files[graph.name + ".data"] = graph.with_suffix(".onnx.data")
     if backend == "python":
         files["model.py"] = TRITON_MODELS / "onnx_runner.py"
         config = _config(spec.name, 'backend: "python"\n', spec.inputs, spec.outputs, serving, "KIND_CPU",
-                         serving.tower_instances, delay_us,
-                         {"intra_op_threads": serving.intra_op_threads, "allow_spinning": int(serving.allow_spinning)})
+                         instances, delay_us,
+                         {"intra_op_threads": threads, "allow_spinning": int(serving.allow_spinning)})
     elif backend == "onnxruntime":
         config = _config(spec.name, 'platform: "onnxruntime_onnx"\n', spec.inputs, spec.outputs, serving,
-                         "KIND_GPU", serving.tower_instances, delay_us, extra=_trt_accelerator(serving, spec.name))
+                         "KIND_GPU", instances, delay_us, extra=_trt_accelerator(serving, spec.name))
     else:  # tensorrt: model.onnx stays beside the plan as the engine's source
         config = _config(spec.name, 'platform: "tensorrt_plan"\n', spec.inputs, spec.outputs, serving,
-                         "KIND_GPU", serving.tower_instances, delay_us)
+                         "KIND_GPU", instances, delay_us)
     _write(repo, spec.name, config, files)
 
 
@@ -182,7 +193,7 @@ def write_repository(repo: Path, checkpoint: Path, specs: dict[str, GraphSpec], 
         text_files)
     for name, spec in specs.items():
         delay = serving.query_queue_delay_us if name == "query_tower" else serving.product_queue_delay_us
-        _tower(repo, spec, graphs_dir / f"{name}.onnx", backend, serving, delay)
+        _tower(repo, spec, graphs_dir / f"{name}.onnx", backend, serving, delay, query=name == "query_tower")
     if backend == "tensorrt":
         lengths = {"query_tower": pre["query_max_length"], "text_tower": pre["max_length"]}
         engines = {name: {"onnx": f"{name}/1/model.onnx", "plan": f"{name}/1/model.plan", "fp16": serving.trt_fp16,
