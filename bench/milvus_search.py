@@ -179,7 +179,9 @@ def main(argv: list[str] | None = None) -> None:
                           metrics_port=free_port(), log_file=Path(tempfile.gettempdir()) / "bench_milvus_triton.log")
     server.start()
     try:
-        queries = TritonEncoder(server.grpc_url, "grpc").embed_queries(texts).astype(np.float32)
+        encoder = TritonEncoder(server.grpc_url, "grpc")
+        queries = np.concatenate([encoder.embed_queries(texts[i:i + 32]) for i in range(0, len(texts), 32)])
+        queries = queries.astype(np.float32)
         e2e = end_to_end(server, args.milvus_uri, texts)
     finally:
         server.stop()
