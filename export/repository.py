@@ -47,9 +47,10 @@ class ServingCfg:
     query_intra_op_threads: int = 0  # 0 = ONNX Runtime's default (all cores)
     preprocess_instances: int = 1
     allow_spinning: bool = True  # python flavour: ONNX Runtime worker threads busy-wait between runs
-    # 0: requests that queue while a model is busy are still batched; waiting only adds latency here
-    query_queue_delay_us: int = 0
-    product_queue_delay_us: int = 0
+    # Delay 0 measured no worse (bench/results/tuning.md), but with it tritonserver 2.51 crashed once (SIGSEGV in
+    # TRITONSERVER_ServerInferAsync) and hung once in the hostile-input tests; with these delays it never did.
+    query_queue_delay_us: int = 500
+    product_queue_delay_us: int = 2000
     preferred_batch_sizes: tuple[int, ...] = (8, 16, 32)
     max_image_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = preprocess_module.DEFAULT_MAX_PIXELS
