@@ -99,7 +99,13 @@ def main(argv: list[str] | None = None) -> None:
     result = {"minutes": args.minutes, "concurrency": args.concurrency, "server_alive": alive,
               "errors": [w for w in windows if w["error"]], "windows": windows,
               "rss_mb": {"first": memory[0][1], "after_warmup": memory[min(5, len(memory) - 1)][1],
-                         "last": memory[-1][1], "max": max(m for _, m in memory)}}
+                         "last": memory[-1][1], "max": max(m for _, m in memory)},
+              "rss_series": [(round(t - started, 1), round(m, 1)) for t, m in memory]}
+    phase_switch = next((w["t_s"] for w in windows if w["model"] == "product_encoder"), None)
+    if phase_switch:  # memory at the end of each ensemble's first and last window: growth within a phase
+        marks = [w["t_s"] for w in windows]
+        result["rss_at_window_end_mb"] = [round(min(memory, key=lambda tm: abs(tm[0] - started - t))[1], 1)
+                                          for t in marks]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "soak.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["# Soak test", "", f"`python bench/soak.py {' '.join(argv if argv is not None else sys.argv[1:])}`: "
@@ -109,10 +115,11 @@ def main(argv: list[str] | None = None) -> None:
              f"- server memory (tritonserver + stubs, RSS): {result['rss_mb']['first']:.0f} MB at start, "
              f"{result['rss_mb']['after_warmup']:.0f} MB after 10 s, {result['rss_mb']['last']:.0f} MB at the end "
              f"(max {result['rss_mb']['max']:.0f} MB)", "",
-             "| model | window end (s) | items/s | p50 ms | p99 ms |", "|---|---|---|---|---|"]
+             "| model | window end (s) | items/s | p50 ms | p99 ms | server RSS MB |", "|---|---|---|---|---|---|"]
+    rss = dict(zip([w["t_s"] for w in windows], result.get("rss_at_window_end_mb", [])))
     for model, rows in stats.items():
-        lines += [f"| {model} | {w['t_s']} | {w['throughput']:.1f} | {w['p50_ms']:.1f} | {w['p99_ms']:.1f} |"
-                  for w in rows]
+        lines += [f"| {model} | {w['t_s']} | {w['throughput']:.1f} | {w['p50_ms']:.1f} | {w['p99_ms']:.1f} | "
+                  f"{rss.get(w['t_s'], float('nan')):.0f} |" for w in rows]
     (args.out / "soak.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
