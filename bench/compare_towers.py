@@ -20,7 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.catalog import DEFAULT_CATALOG  # noqa: E402
-from training.evaluate import QuerySet, evaluate  # noqa: E402
+from training.evaluate import evaluate  # noqa: E402
+from training.queries import QuerySet  # noqa: E402
 from training.train import TrainCfg, train  # noqa: E402
 
 MODELS = ("text-only", "mm3-concat", "mm3-alpha", "mm3-mlp", "mm4-concat", "mm4-alpha", "mm4-mlp")

@@ -30,10 +30,10 @@ from client import store  # noqa: E402
 from client.encoder import TritonEncoder  # noqa: E402
 from client.search import Searcher  # noqa: E402
 from export.serve import TritonServer, free_port  # noqa: E402
+from training.queries import DEFAULT_EVAL_SET, QuerySet  # noqa: E402
 
 logger = logging.getLogger("bench.milvus")
 RESULTS = ROOT / "bench" / "results"
-EVAL_SET = ROOT / "training" / "eval_sets" / "fashion.jsonl"
 LITE_INDEXES = {"FLAT": ({}, {}), "IVF_FLAT": ({"nlist": 1024}, {"nprobe": 32}), "AUTOINDEX": ({}, {})}
 
 
@@ -170,7 +170,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = parse_args(argv)
-    texts = [json.loads(line)["query"] for line in EVAL_SET.read_text().splitlines() if '"query"' in line]
+    texts = QuerySet.load(DEFAULT_EVAL_SET).texts
     texts = texts[: args.queries]
     catalog_client = store.connect(args.milvus_uri)
     base = read_vectors(catalog_client, args.collection)

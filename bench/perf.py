@@ -28,10 +28,10 @@ sys.path.insert(0, str(ROOT))
 
 from export.serve import TritonServer, free_port  # noqa: E402
 from training.catalog import DEFAULT_CATALOG, ImageFetcher, read_catalog  # noqa: E402
+from training.queries import DEFAULT_EVAL_SET, QuerySet  # noqa: E402
 
 logger = logging.getLogger("bench.perf")
 RESULTS = ROOT / "bench" / "results"
-EVAL_SET = ROOT / "training" / "eval_sets" / "fashion.jsonl"
 MODELS = ("query_encoder", "product_encoder")
 
 
@@ -76,7 +76,7 @@ def _string_b64(data: bytes) -> str:
 
 
 def write_input_data(directory: Path, catalog: str, n: int) -> dict[str, Path]:
-    queries = [json.loads(line)["query"] for line in EVAL_SET.read_text().splitlines() if '"query"' in line][:n]
+    queries = QuerySet.load(DEFAULT_EVAL_SET).texts[:n]
     df, _ = read_catalog(catalog, limit=n)
     fetch = ImageFetcher(base_dir=df.attrs.get("base_dir"))
     products = []

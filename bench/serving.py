@@ -35,10 +35,10 @@ from training.catalog import DEFAULT_CATALOG, ImageFetcher, read_catalog  # noqa
 from training.encode import embed_queries  # noqa: E402
 from training.factory import create_model, create_tokenizer, load_checkpoint_config  # noqa: E402
 from training.preprocess import image_to_pixels, product_text  # noqa: E402
+from training.queries import DEFAULT_EVAL_SET, QuerySet  # noqa: E402
 
 logger = logging.getLogger("bench.serving")
 RESULTS = ROOT / "bench" / "results"
-EVAL_SET = ROOT / "training" / "eval_sets" / "fashion.jsonl"
 
 
 def percentiles(samples_ms: list[float]) -> dict[str, float]:
@@ -160,7 +160,7 @@ def matmul_gflops(n: int = 1024, repeats: int = 20) -> float:
 
 
 def load_inputs(catalog: str, n_queries: int, n_products: int) -> tuple[list[str], list[tuple[str, str, bytes]]]:
-    queries = [json.loads(line)["query"] for line in EVAL_SET.read_text().splitlines() if '"query"' in line]
+    queries = QuerySet.load(DEFAULT_EVAL_SET).texts
     df, _ = read_catalog(catalog, limit=n_products)
     fetch = ImageFetcher(base_dir=df.attrs.get("base_dir"))
     products = [(str(t), str(d or ""), fetch(img)) for t, d, img in zip(df["title"], df["description"], df["image"])]

@@ -32,7 +32,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response  # noqa: E402
 from client import store  # noqa: E402
 from client.encoder import EncoderUnavailable, EncodingError, TritonEncoder  # noqa: E402
 from client.index import add_connection_args  # noqa: E402
-from client.search import FILTERS, Searcher, SearchResult  # noqa: E402
+from client.search import Searcher, SearchResult, filter_expression  # noqa: E402
 from training.catalog import DEFAULT_CATALOG, ColumnMap, ImageFetcher, has_image_ref, read_catalog  # noqa: E402
 
 logger = logging.getLogger("client.app")
@@ -132,17 +132,11 @@ def _hits(result: SearchResult) -> dict:
 
 
 def _filters(**values) -> str:
-    parts, params = [], {}
-    for name, value in values.items():
-        if value is None or value == "":
-            continue
-        template, kind = FILTERS[name]
-        try:
-            params[name] = kind(value)
-        except ValueError:
-            raise ApiError(400, f"{name} must be a {kind.__name__}, not {value!r}") from None
-        parts.append(template)
-    return store.render_filter(" and ".join(parts), params) if parts else ""
+    """The page's filter fields (an empty form field is no filter) as a Milvus expression."""
+    try:
+        return filter_expression({name: None if value == "" else value for name, value in values.items()})
+    except ValueError as exc:
+        raise ApiError(400, str(exc)) from None
 
 
 def create_app(backend: Backend, images: CatalogImages, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:

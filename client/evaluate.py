@@ -27,28 +27,9 @@ from client.encoder import EncoderUnavailable, EncodingError, TritonEncoder  # n
 from client.index import add_connection_args  # noqa: E402
 from training.catalog import DEFAULT_CATALOG, CatalogError, ColumnMap, ImageFetcher, read_catalog  # noqa: E402
 from training.metrics import KS, format_table, retrieval_metrics  # noqa: E402
+from training.queries import DEFAULT_EVAL_SET, QuerySet  # noqa: E402
 
 logger = logging.getLogger("client.evaluate")
-DEFAULT_QUERIES = ROOT / "training" / "eval_sets" / "fashion.jsonl"
-
-
-def load_queries(path: Path) -> tuple[list[dict], list[dict]]:
-    """(text queries, image queries) of a JSONL query set; a line without relevant ids is an error."""
-    texts, images = [], []
-    for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        item = json.loads(line)
-        if not item.get("relevant"):
-            raise ValueError(f"{path}:{lineno}: a query needs at least one relevant id")
-        item["relevant"] = [str(r) for r in item["relevant"]]
-        if "query" in item:
-            texts.append(item)
-        elif "image_product_id" in item:
-            images.append(item)
-        else:
-            raise ValueError(f"{path}:{lineno}: expected a 'query' or an 'image_product_id'")
-    return texts, images
 
 
 def _ranked(client, collection: str, vectors, k: int, metric: str) -> list[list[str]]:
@@ -59,26 +40,26 @@ def _ranked(client, collection: str, vectors, k: int, metric: str) -> list[list[
 def evaluate_served(encoder: TritonEncoder, client, queries: Path, catalog: str | None,
                     columns: ColumnMap | None = None, collection: str = store.COLLECTION,
                     batch_size: int = 32) -> dict:
-    texts, images = load_queries(queries)
+    qs = QuerySet.load(queries)
     metric = store.collection_metric(client, collection)
     client.load_collection(collection)
     k = max(KS)
-    wanted = {r for q in texts + images for r in q["relevant"]}
+    wanted = {r for rel in qs.text_relevant + qs.image_relevant for r in rel}
     indexed = store.existing_ids(client, sorted(wanted), collection)
     out = {"collection": collection, "products": store.count(client, collection), "metrics": {}}
 
-    def keep(items):
-        kept = [(q, [r for r in q["relevant"] if r in indexed]) for q in items]
+    def keep(queries_, relevant_lists):
+        kept = [(q, [r for r in rel if r in indexed]) for q, rel in zip(queries_, relevant_lists)]
         return [(q, rel) for q, rel in kept if rel]
 
-    text_items = keep(texts)
+    text_items = keep(qs.texts, qs.text_relevant)
     if text_items:
         ranked = []
         for start in tqdm(range(0, len(text_items), batch_size), desc="text queries", unit="batch"):
-            batch = [q["query"] for q, _ in text_items[start:start + batch_size]]
+            batch = [q for q, _ in text_items[start:start + batch_size]]
             ranked += _ranked(client, collection, encoder.embed_queries(batch), k, metric)
         out["metrics"]["text"] = retrieval_metrics(ranked, [rel for _, rel in text_items], KS)
-    image_items = keep(images)
+    image_items = keep(qs.image_ids, qs.image_relevant)
     if image_items and encoder.multimodal:
         if catalog is None:
             raise ValueError("image queries need --catalog (the query is a catalog product's photo)")
@@ -88,11 +69,11 @@ def evaluate_served(encoder: TritonEncoder, client, queries: Path, catalog: str 
         ranked, relevant = [], []
         for start in tqdm(range(0, len(image_items), batch_size), desc="image queries", unit="batch"):
             batch = []
-            for q, rel in image_items[start:start + batch_size]:
+            for product_id, rel in image_items[start:start + batch_size]:
                 try:
-                    batch.append((fetch(refs[q["image_product_id"]]), rel))
+                    batch.append((fetch(refs[product_id]), rel))
                 except Exception as exc:  # noqa: BLE001  (a query whose photo is unreadable is skipped, and said)
-                    logger.warning("image query %s skipped: %s", q["image_product_id"], exc)
+                    logger.warning("image query %s skipped: %s", product_id, exc)
             if batch:
                 ranked += _ranked(client, collection, encoder.embed_images([b for b, _ in batch]), k, metric)
                 relevant += [rel for _, rel in batch]
@@ -104,7 +85,8 @@ def evaluate_served(encoder: TritonEncoder, client, queries: Path, catalog: str 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python client/evaluate.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--queries", type=Path, default=DEFAULT_QUERIES, help="JSONL query set (training.evaluate's format)")
+    p.add_argument("--queries", type=Path, default=DEFAULT_EVAL_SET,
+                   help="JSONL query set (training.evaluate's format)")
     p.add_argument("--catalog", default=DEFAULT_CATALOG, help="catalog the image queries' photos come from")
     p.add_argument("--batch-size", type=int, default=32, help="queries per Triton request and Milvus search")
     p.add_argument("--json", dest="json_out", type=Path, help="also write the metrics to this JSON file")

@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -81,17 +82,29 @@ class Searcher:
         return SearchResult(text or "<image>", hits, (embedded - started) * 1e3, (done - embedded) * 1e3)
 
 
-def build_filter(args: argparse.Namespace) -> str:
+def filter_expression(values: Mapping[str, object], raw: str | None = None) -> str:
+    """A Milvus expression from FILTERS values (None = not set) and an optional raw expression.
+
+    Raises ValueError when a value does not convert to its filter's type.
+    """
     parts, params = [], {}
     for name, (template, kind) in FILTERS.items():
-        value = getattr(args, name, None)
-        if value is not None:
-            parts.append(template)
+        value = values.get(name)
+        if value is None:
+            continue
+        try:
             params[name] = kind(value)
+        except ValueError:
+            raise ValueError(f"{name} must be a {kind.__name__}, not {value!r}") from None
+        parts.append(template)
     expression = store.render_filter(" and ".join(parts), params) if parts else ""
-    if args.filter:  # a raw Milvus expression from the user, taken as written
-        expression = f"({args.filter}) and ({expression})" if expression else args.filter
+    if raw:  # a raw Milvus expression from the user, taken as written
+        expression = f"({raw}) and ({expression})" if expression else raw
     return expression
+
+
+def build_filter(args: argparse.Namespace) -> str:
+    return filter_expression({name: getattr(args, name, None) for name in FILTERS}, args.filter)
 
 
 def format_table(result: SearchResult) -> str:

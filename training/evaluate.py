@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,37 +27,10 @@ from .data import ProductSet, build_product_set
 from .encode import embed_products, embed_queries
 from .factory import create_model, create_tokenizer, load_checkpoint_config
 from .metrics import format_table, rank, retrieval_metrics
+from .queries import QuerySet
 
 logger = logging.getLogger("training.evaluate")
 KS = (1, 10, 100)
-
-
-@dataclass
-class QuerySet:
-    texts: list[str]
-    text_relevant: list[list[str]]
-    image_ids: list[str]
-    image_relevant: list[list[str]]
-
-    @classmethod
-    def load(cls, path: str | Path) -> QuerySet:
-        qs = cls([], [], [], [])
-        for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            item = json.loads(line)
-            relevant = [str(r) for r in item.get("relevant", [])]
-            if not relevant:
-                raise ValueError(f"{path}:{lineno}: a query needs at least one relevant id")
-            if "query" in item:
-                qs.texts.append(item["query"])
-                qs.text_relevant.append(relevant)
-            elif "image_product_id" in item:
-                qs.image_ids.append(str(item["image_product_id"]))
-                qs.image_relevant.append(relevant)
-            else:
-                raise ValueError(f"{path}:{lineno}: expected a 'query' or an 'image_product_id'")
-        return qs
 
 
 def degrade_colour(products: ProductSet) -> ProductSet:

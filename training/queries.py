@@ -11,10 +11,12 @@ other phrasings (see `evaluation/`), so that a score measures generalisation, no
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 GENDER_WORDS = {
     "men": "Men", "men's": "Men", "women": "Women", "women's": "Women", "unisex": "Unisex",
@@ -166,3 +168,36 @@ def relevant_ids(query: Query, products: Sequence[Mapping[str, str]], ids: Seque
     if query.product_id not in found:
         found.append(query.product_id)
     return found
+
+
+DEFAULT_EVAL_SET = Path(__file__).parent / "eval_sets" / "fashion.jsonl"  # committed, kept out of training
+
+
+@dataclass
+class QuerySet:
+    """A JSONL query set: {"query": ..., "relevant": [ids]} or {"image_product_id": ..., "relevant": [ids]}."""
+
+    texts: list[str]
+    text_relevant: list[list[str]]
+    image_ids: list[str]
+    image_relevant: list[list[str]]
+
+    @classmethod
+    def load(cls, path: str | Path) -> QuerySet:
+        qs = cls([], [], [], [])
+        for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            item = json.loads(line)
+            relevant = [str(r) for r in item.get("relevant", [])]
+            if not relevant:
+                raise ValueError(f"{path}:{lineno}: a query needs at least one relevant id")
+            if "query" in item:
+                qs.texts.append(item["query"])
+                qs.text_relevant.append(relevant)
+            elif "image_product_id" in item:
+                qs.image_ids.append(str(item["image_product_id"]))
+                qs.image_relevant.append(relevant)
+            else:
+                raise ValueError(f"{path}:{lineno}: expected a 'query' or an 'image_product_id'")
+        return qs
