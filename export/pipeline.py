@@ -32,8 +32,9 @@ class OnnxPipeline:
         pre = config["preprocess_cfg"]
         tokenizer_json = str(Path(checkpoint) / pre["tokenizer_dir"] / "tokenizer.json")
         self.image_cfg = pre["image"]
-        self.query_tokenizer = load_tokenizer(tokenizer_json, pre["query_max_length"])
-        self.product_tokenizer = load_tokenizer(tokenizer_json, pre["max_length"])
+        # Padded to the longest text of each batch, as the CPU flavour's towers do.
+        self.query_tokenizer = load_tokenizer(tokenizer_json, pre["query_max_length"], pad_to_longest=True)
+        self.product_tokenizer = load_tokenizer(tokenizer_json, pre["max_length"], pad_to_longest=True)
         self.sessions = {p.stem: session(p, threads) for p in sorted(Path(graphs_dir).glob("*.onnx"))}
 
     def run(self, graph: str, **inputs: np.ndarray) -> np.ndarray:

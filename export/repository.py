@@ -7,11 +7,15 @@ graphs, and the ensembles the client calls.
     image_encoder   IMAGE (BYTES)                     -> query_image_preprocess -> image_tower -> image_query_head
 
 Three flavours differ only in how a tower graph runs:
-  python       the same model.onnx run by ONNX Runtime inside a Python-backend model (CPU, local)
+  python       the same model.onnx run by ONNX Runtime inside a Python-backend model (CPU, local).
+               The text towers tokenize in their own process (no query_tokenizer/product_tokenizer
+               models): one Python-model hop less per request, and batches padded only to their
+               longest text instead of max_length (bench/results/serving.md measures both)
   onnxruntime  Triton's onnxruntime backend on GPU with ONNX Runtime's TensorRT accelerator and an
                engine cache: the default on GPU hosts (no build step; engines appear on first load)
   tensorrt     platform tensorrt_plan: engines built ahead of time on the target GPU with trtexec
                (docker/build_engines.py reads ENGINES_FILE, which lists every engine's shapes)
+The ensembles' names, inputs and outputs are the same in every flavour: clients never know which runs.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ TRITON_MODELS = Path(__file__).parent / "triton_models"
 BACKENDS = ("python", "onnxruntime", "tensorrt")
 ENGINES_FILE = "engines.json"  # tensorrt flavour: what docker/build_engines.py builds
 EMBEDDING = "EMBEDDING"  # every ensemble's output
+TEXT_MASK = TensorSpec("text_mask", "TYPE_FP32", (1,))  # product_tokenizer's: 0 = a product without text
 
 
 @dataclass
@@ -126,8 +131,18 @@ def _engine_shapes(spec: GraphSpec, fixed: dict[str, int], serving: ServingCfg) 
     return shapes
 
 
+@dataclass
+class TextFront:
+    """A text tower's own tokenization (python flavour): its text inputs, tokenizer parameters and files."""
+
+    inputs: list[TensorSpec]
+    params: dict[str, str]
+    files: dict[str, Path]
+    text_mask: bool  # also output text_mask (0 = product without text), which fusion reads
+
+
 def _tower(repo: Path, spec: GraphSpec, graph: Path, backend: str, serving: ServingCfg, delay_us: int,
-           query: bool = False) -> None:
+           query: bool = False, front: TextFront | None = None) -> None:
     instances = serving.query_tower_instances if query else serving.tower_instances
     threads = serving.query_intra_op_threads if query else serving.intra_op_threads
     files = {"model.onnx": graph}
@@ -135,9 +150,14 @@ def _tower(repo: Path, spec: GraphSpec, graph: Path, backend: str, serving: Serv
         files[graph.name + ".data"] = graph.with_suffix(".onnx.data")
     if backend == "python":
         files["model.py"] = TRITON_MODELS / "onnx_runner.py"
-        config = _config(spec.name, 'backend: "python"\n', spec.inputs, spec.outputs, serving, "KIND_CPU",
-                         instances, delay_us,
-                         {"intra_op_threads": threads, "allow_spinning": int(serving.allow_spinning)})
+        inputs, outputs = spec.inputs, list(spec.outputs)
+        params = {"intra_op_threads": threads, "allow_spinning": int(serving.allow_spinning)}
+        if front is not None:
+            inputs, params, files = front.inputs, {**params, **front.params}, {**files, **front.files}
+            if front.text_mask:
+                outputs.append(TEXT_MASK)
+        config = _config(spec.name, 'backend: "python"\n', inputs, outputs, serving, "KIND_CPU",
+                         instances, delay_us, params)
     elif backend == "onnxruntime":
         config = _config(spec.name, 'platform: "onnxruntime_onnx"\n', spec.inputs, spec.outputs, serving,
                          "KIND_GPU", instances, delay_us, extra=_trt_accelerator(serving, spec.name))
@@ -173,28 +193,41 @@ def write_repository(repo: Path, checkpoint: Path, specs: dict[str, GraphSpec], 
     dim = model_cfg["embed_dim"]
     repo.mkdir(parents=True, exist_ok=True)
     tokenizer_json = checkpoint / pre["tokenizer_dir"] / "tokenizer.json"
-    text_files = {"model.py": TRITON_MODELS / "tokenizer.py", "tokenizer.json": tokenizer_json,
-                  "preprocess.py": Path(preprocess_module.__file__)}
+    text_files = {"tokenizer.json": tokenizer_json, "preprocess.py": Path(preprocess_module.__file__)}
     string = "TYPE_STRING"
-    ids = (TensorSpec("input_ids", "TYPE_INT64", (pre["query_max_length"],)),
-           TensorSpec("attention_mask", "TYPE_INT64", (pre["query_max_length"],)))
-    _write(repo, "query_tokenizer", _config(
-        "query_tokenizer", 'backend: "python"\n', [TensorSpec("QUERY", string, (1,))], ids, serving, "KIND_CPU",
-        serving.preprocess_instances, serving.query_queue_delay_us,
-        {"tokenizer_file": "tokenizer.json", "max_length": pre["query_max_length"], "text_inputs": "QUERY"}),
-        text_files)
-    product_ids = (TensorSpec("input_ids", "TYPE_INT64", (pre["max_length"],)),
-                   TensorSpec("attention_mask", "TYPE_INT64", (pre["max_length"],)),
-                   TensorSpec("text_mask", "TYPE_FP32", (1,)))
+    query_inputs = [TensorSpec("QUERY", string, (1,))]
     text_inputs = [TensorSpec("TITLE", string, (1,)), TensorSpec("DESCRIPTION", string, (1,))]
-    _write(repo, "product_tokenizer", _config(
-        "product_tokenizer", 'backend: "python"\n', text_inputs, product_ids, serving, "KIND_CPU",
-        serving.preprocess_instances, serving.product_queue_delay_us,
-        {"tokenizer_file": "tokenizer.json", "max_length": pre["max_length"], "text_inputs": "TITLE,DESCRIPTION"}),
-        text_files)
+    multimodal = "fusion" in specs
+    tokenizers = {  # name: (inputs, max_length)
+        "query_tokenizer": (query_inputs, pre["query_max_length"]),
+        "product_tokenizer": (text_inputs, pre["max_length"]),
+    }
+
+    def tokenizer_params(name: str) -> dict[str, str]:
+        inputs, max_length = tokenizers[name]
+        return {"tokenizer_file": "tokenizer.json", "max_length": max_length,
+                "text_inputs": ",".join(t.name for t in inputs)}
+
+    fused = backend == "python"
+    fronts = {}
+    if fused:
+        files = {**text_files, "text_inputs.py": TRITON_MODELS / "tokenizer.py"}
+        fronts = {"query_tower": TextFront(query_inputs, tokenizer_params("query_tokenizer"), files, False),
+                  "text_tower": TextFront(text_inputs, tokenizer_params("product_tokenizer"), files, multimodal)}
+    else:
+        for name, (inputs, max_length) in tokenizers.items():
+            outputs = [TensorSpec("input_ids", "TYPE_INT64", (max_length,)),
+                       TensorSpec("attention_mask", "TYPE_INT64", (max_length,))]
+            if name == "product_tokenizer":
+                outputs.append(TEXT_MASK)
+            delay = serving.query_queue_delay_us if name == "query_tokenizer" else serving.product_queue_delay_us
+            _write(repo, name, _config(name, 'backend: "python"\n', inputs, outputs, serving, "KIND_CPU",
+                                       serving.preprocess_instances, delay, tokenizer_params(name)),
+                   {"model.py": TRITON_MODELS / "tokenizer.py", **text_files})
     for name, spec in specs.items():
         delay = serving.query_queue_delay_us if name == "query_tower" else serving.product_queue_delay_us
-        _tower(repo, spec, graphs_dir / f"{name}.onnx", backend, serving, delay, query=name == "query_tower")
+        _tower(repo, spec, graphs_dir / f"{name}.onnx", backend, serving, delay, query=name == "query_tower",
+               front=fronts.get(name))
     if backend == "tensorrt":
         lengths = {"query_tower": pre["query_max_length"], "text_tower": pre["max_length"]}
         engines = {name: {"onnx": f"{name}/1/model.onnx", "plan": f"{name}/1/model.plan", "fp16": serving.trt_fp16,
@@ -203,22 +236,26 @@ def write_repository(repo: Path, checkpoint: Path, specs: dict[str, GraphSpec], 
                    for name, spec in specs.items()}
         (repo / ENGINES_FILE).write_text(json.dumps(engines, indent=2) + "\n")
 
-    _ensemble(repo, "query_encoder", [TensorSpec("QUERY", string, (1,))], [
-        ("query_tokenizer", {"QUERY": "QUERY"}, {"input_ids": "q_input_ids", "attention_mask": "q_attention_mask"}),
-        ("query_tower", {"input_ids": "q_input_ids", "attention_mask": "q_attention_mask"},
-         {"query_embedding": EMBEDDING}),
-    ], dim, serving)
-
-    text_steps = [
-        ("product_tokenizer", {"TITLE": "TITLE", "DESCRIPTION": "DESCRIPTION"},
-         {"input_ids": "p_input_ids", "attention_mask": "p_attention_mask", "text_mask": "text_mask"}),
-        ("text_tower", {"input_ids": "p_input_ids", "attention_mask": "p_attention_mask"},
-         {"text_embedding": EMBEDDING if "fusion" not in specs else "text_embedding"}),
-    ]
-    if "fusion" not in specs:  # text-only model: the product embedding is the text tower's
-        text_steps[0][2].pop("text_mask")
+    if fused:
+        query_steps = [("query_tower", {"QUERY": "QUERY"}, {"query_embedding": EMBEDDING})]
+        text_steps = [("text_tower", {"TITLE": "TITLE", "DESCRIPTION": "DESCRIPTION"},
+                       {"text_embedding": "text_embedding"})]
+    else:
+        query_steps = [
+            ("query_tokenizer", {"QUERY": "QUERY"}, {"input_ids": "q_input_ids", "attention_mask": "q_attention_mask"}),
+            ("query_tower", {"input_ids": "q_input_ids", "attention_mask": "q_attention_mask"},
+             {"query_embedding": EMBEDDING})]
+        text_steps = [
+            ("product_tokenizer", {"TITLE": "TITLE", "DESCRIPTION": "DESCRIPTION"},
+             {"input_ids": "p_input_ids", "attention_mask": "p_attention_mask"}),
+            ("text_tower", {"input_ids": "p_input_ids", "attention_mask": "p_attention_mask"},
+             {"text_embedding": "text_embedding"})]
+    _ensemble(repo, "query_encoder", query_inputs, query_steps, dim, serving)
+    if not multimodal:  # text-only model: the product embedding is the text tower's
+        text_steps[-1][2]["text_embedding"] = EMBEDDING
         _ensemble(repo, "product_encoder", text_inputs, text_steps, dim, serving)
         return sorted(p.parent.name for p in repo.glob("*/config.pbtxt"))
+    text_steps[0][2]["text_mask"] = "text_mask"  # the tokenizing step says which products have text
 
     image = pre["image"]
     pixels = TensorSpec("pixel_values", "TYPE_FP32", (3, image["image_size"], image["image_size"]))

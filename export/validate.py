@@ -60,14 +60,42 @@ def validate_repository(repo: Path) -> list[str]:
             problems.append(f"{name}: tensorrt_plan with neither 1/model.plan nor its source 1/model.onnx")
         if cfg.backend == "python" and not (repo / name / "1" / "model.py").exists():
             problems.append(f"{name}: python backend without 1/model.py")
+        if "tokenizer_file" in cfg.parameters:
+            tokenizer = repo / name / "1" / cfg.parameters["tokenizer_file"].string_value
+            if not tokenizer.exists():
+                problems.append(f"{name}: tokenizer file {tokenizer.name} missing from 1/")
     for name, cfg in configs.items():
         if cfg.platform == "ensemble":
             problems += _check_ensemble(name, cfg, configs)
     return problems
 
 
+TOKENIZED = ("input_ids", "attention_mask")  # a text graph's inputs
+TOKENIZER_OUTPUTS = ("text_mask",)  # what a tokenizing tower adds to its graph's outputs
+
+
+def _check_tokenizing(name: str, cfg, graph) -> list[str]:
+    """A tower that tokenizes its own text inputs (python flavour): texts in, the graph's outputs out."""
+    problems = []
+    texts = cfg.parameters["text_inputs"].string_value.split(",")
+    if sorted(t.name for t in cfg.input) != sorted(texts):
+        problems.append(f"{name}: config inputs {sorted(t.name for t in cfg.input)} != text_inputs {sorted(texts)}")
+    if any(_dtype(t) != "TYPE_STRING" for t in cfg.input):
+        problems.append(f"{name}: a tokenizing tower's inputs must be TYPE_STRING")
+    if sorted(t.name for t in graph.input) != sorted(TOKENIZED):
+        problems.append(f"{name}: tokenizes its inputs but the ONNX graph takes {[t.name for t in graph.input]}")
+    extra = {t.name for t in cfg.output} - {t.name for t in graph.output} - set(TOKENIZER_OUTPUTS)
+    missing = {t.name for t in graph.output} - {t.name for t in cfg.output}
+    if extra or missing:
+        problems.append(f"{name}: config outputs {sorted(t.name for t in cfg.output)} do not fit ONNX "
+                        f"{sorted(t.name for t in graph.output)}")
+    return problems
+
+
 def _check_onnx(name: str, cfg, path: Path) -> list[str]:
     graph = onnx.load(str(path), load_external_data=False).graph
+    if "tokenizer_file" in cfg.parameters:
+        return _check_tokenizing(name, cfg, graph)
     problems = []
     for kind, declared, actual in (("input", cfg.input, graph.input), ("output", cfg.output, graph.output)):
         onnx_io = {t.name: t for t in actual}

@@ -42,10 +42,29 @@ def test_repository_configs_match_the_onnx_graphs_and_ensembles_are_consistent(t
     embed_dim = get_model_config(json.loads((tiny_repository / REPORT_FILE).read_text())["checkpoint"]).embed_dim
     for name in ("query_encoder", "product_encoder", "image_encoder"):
         assert list(configs[name].output[0].dims) == [embed_dim]
-    tokenizer = configs["query_tokenizer"]
-    assert tokenizer.instance_group[0].kind == tokenizer.instance_group[0].KIND_CPU
-    assert int(tokenizer.parameters["max_length"].string_value) == 16
+    # CPU flavour: the text towers tokenize in their own process, so the ensembles have no tokenizer step.
+    assert "query_tokenizer" not in configs and "product_tokenizer" not in configs
+    query = configs["query_tower"]
+    assert query.instance_group[0].kind == query.instance_group[0].KIND_CPU
+    assert [t.name for t in query.input] == ["QUERY"]
+    assert int(query.parameters["max_length"].string_value) == 16
+    assert [t.name for t in configs["text_tower"].input] == ["TITLE", "DESCRIPTION"]
+    assert {t.name for t in configs["text_tower"].output} == {"text_embedding", "text_mask"}
+    assert [s.model_name for s in configs["query_encoder"].ensemble_scheduling.step] == ["query_tower"]
     assert configs["text_tower"].dynamic_batching.max_queue_delay_microseconds > 0
+
+
+def test_validation_catches_a_tokenizing_tower_fed_the_wrong_inputs(tiny_repository, tmp_path):
+    import shutil
+
+    repo = tmp_path / "broken"
+    shutil.copytree(tiny_repository, repo)
+    config = repo / "query_tower" / "config.pbtxt"
+    config.write_text(config.read_text().replace('"QUERY"', '"Q"', 1))
+    (repo / "text_tower" / "1" / "tokenizer.json").unlink()
+    problems = validate_repository(repo)
+    assert any("query_tower" in p and "text_inputs" in p for p in problems), problems
+    assert any("text_tower" in p and "tokenizer.json" in p for p in problems), problems
 
 
 def test_gpu_flavour_uses_onnxruntime_with_tensorrt_and_validates(tiny_checkpoint, tmp_path):
@@ -59,7 +78,10 @@ def test_gpu_flavour_uses_onnxruntime_with_tensorrt_and_validates(tiny_checkpoin
     assert tower.instance_group[0].kind == tower.instance_group[0].KIND_GPU
     accelerator = tower.optimization.execution_accelerators.gpu_execution_accelerator[0]
     assert accelerator.name == "tensorrt" and accelerator.parameters["precision_mode"] == "FP16"
-    assert load_configs(repo)["query_tokenizer"].backend == "python"
+    configs = load_configs(repo)
+    assert configs["query_tokenizer"].backend == "python"  # GPU towers take token ids from a tokenizer step
+    assert [s.model_name for s in configs["query_encoder"].ensemble_scheduling.step] == ["query_tokenizer",
+                                                                                          "query_tower"]
 
 
 def test_validation_catches_a_renamed_tensor(tiny_repository, tmp_path):
@@ -82,6 +104,12 @@ def test_tokenizer_used_by_triton_matches_the_training_tokenizer(tiny_checkpoint
     hf = create_tokenizer(tiny_checkpoint)(texts, padding="max_length", truncation=True, max_length=16)
     np.testing.assert_array_equal(ids, np.asarray(hf["input_ids"]))
     np.testing.assert_array_equal(mask, np.asarray(hf["attention_mask"]))
+    # The CPU flavour pads each batch only to its longest text: the same ids, cut after the longest.
+    short, short_mask = tokenize(load_tokenizer(str(tiny_checkpoint / "tokenizer" / "tokenizer.json"), 16,
+                                                pad_to_longest=True), texts[:2])
+    assert short.shape[1] == int(mask[0].sum()) < 16
+    np.testing.assert_array_equal(short, ids[:2, : short.shape[1]])
+    np.testing.assert_array_equal(short_mask, mask[:2, : short.shape[1]])
 
 
 @pytest.mark.parametrize("flag", ["--checkpoint", "--backend", "--variant", "--parity-rows", "--intra-op-threads"])
