@@ -164,6 +164,7 @@ def load_inputs(catalog: str, n_queries: int, n_products: int) -> tuple[list[str
     df, _ = read_catalog(catalog, limit=n_products)
     fetch = ImageFetcher(base_dir=df.attrs.get("base_dir"))
     products = [(str(t), str(d or ""), fetch(img)) for t, d, img in zip(df["title"], df["description"], df["image"])]
+    products.sort(key=lambda p: len(p[0]) + len(p[1]))  # the order client/index.py sends them in, for every path
     return queries[:n_queries], products
 
 

@@ -52,9 +52,11 @@ class ServingCfg:
     query_intra_op_threads: int = 0  # 0 = ONNX Runtime's default (all cores)
     preprocess_instances: int = 1
     allow_spinning: bool = True  # python flavour: ONNX Runtime worker threads busy-wait between runs
-    # Delay 0 measured no worse (bench/results/tuning.md), but with it tritonserver 2.51 crashed once (SIGSEGV in
-    # TRITONSERVER_ServerInferAsync) and hung once in the hostile-input tests; with these delays it never did.
-    query_queue_delay_us: int = 500
+    # The query path must not wait: a 500 us delay cost 1.5-2 ms at concurrency 1 (bench/results/serving.md), and
+    # under load requests queue behind the busy instance and are batched anyway. The product path keeps a delay:
+    # with delay 0 on every model tritonserver 2.51 crashed once (SIGSEGV in TRITONSERVER_ServerInferAsync) and hung
+    # once in the hostile-input tests (product ensembles whose image branch fails while the text branch runs).
+    query_queue_delay_us: int = 0
     product_queue_delay_us: int = 2000
     preferred_batch_sizes: tuple[int, ...] = (8, 16, 32)
     max_image_bytes: int = 10 * 1024 * 1024
