@@ -58,6 +58,8 @@ class Backend:
         self.credentials = milvus_credentials
         self._searcher: Searcher | None = None
         self._lock = threading.Lock()
+        self._health_encoder: TritonEncoder | None = None
+        self._health_milvus = None
 
     def searcher(self) -> Searcher:
         with self._lock:
@@ -89,18 +91,23 @@ class Backend:
             raise ApiError(503, f"search backend failed: {type(exc).__name__}: {exc}") from None
 
     def health(self) -> dict:
-        out = {}
+        """What is up, through clients kept between polls (the page asks every 15 s) and remade after a failure."""
+        timeout_s, out = min(self.timeout_s, 3.0), {}
         try:
-            TritonEncoder(self.triton_url, self.protocol, timeout_s=min(self.timeout_s, 3.0)).check_ready(
-                ["query_encoder"])
+            if self._health_encoder is None:
+                self._health_encoder = TritonEncoder(self.triton_url, self.protocol, timeout_s=timeout_s)
+            self._health_encoder.check_ready(["query_encoder"])
             out["triton"] = "ok"
         except Exception as exc:  # noqa: BLE001  (reported, not raised: this is the health page)
+            self._health_encoder = None
             out["triton"] = f"unhealthy: {exc}"
         try:
-            client = store.connect(self.milvus_uri, *self.credentials, timeout_s=min(self.timeout_s, 3.0))
-            out["milvus"] = "ok" if store.collection_dim(client, self.collection) else \
+            if self._health_milvus is None:
+                self._health_milvus = store.connect(self.milvus_uri, *self.credentials, timeout_s=timeout_s)
+            out["milvus"] = "ok" if store.collection_dim(self._health_milvus, self.collection) else \
                 f"unhealthy: no collection {self.collection!r} (index a catalog first)"
         except Exception as exc:  # noqa: BLE001
+            self._health_milvus = None
             out["milvus"] = f"unhealthy: {exc}"
         return out
 

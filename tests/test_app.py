@@ -24,8 +24,12 @@ def products(catalog_path):
 
 
 @pytest.fixture(scope="module")
-def app(triton, milvus_path, indexed, catalog_path):
-    backend = Backend(triton.grpc_url, "grpc", milvus_path, "products", "AUTOINDEX", 5.0, (None, None, None))
+def backend(triton, milvus_path, indexed):
+    return Backend(triton.grpc_url, "grpc", milvus_path, "products", "AUTOINDEX", 5.0, (None, None, None))
+
+
+@pytest.fixture(scope="module")
+def app(backend, catalog_path):
     return create_app(backend, CatalogImages(str(catalog_path), None), max_upload_bytes=1024 * 1024)
 
 
@@ -75,6 +79,15 @@ def test_api_errors_are_clear_json(api, products):
             assert words in response.json()["error"]
     assert "/api/search" in api.get("/openapi.json").json()["paths"]
     assert api.get("/api/health").json() == {"triton": "ok", "milvus": "ok"}
+
+
+def test_health_polls_reuse_their_connections(backend, api):
+    assert api.get("/api/health").json() == {"triton": "ok", "milvus": "ok"}
+    first = backend._health_encoder, backend._health_milvus
+    for _ in range(3):  # the page polls every 15 s: no new gRPC channel or Milvus client per poll
+        assert api.get("/api/health").json() == {"triton": "ok", "milvus": "ok"}
+    assert all(first) and (backend._health_encoder, backend._health_milvus) == first
+    assert api.get("/api/search", params={"q": "shirt", "k": 3}).json()["hits"]  # search unaffected
 
 
 def test_dependencies_down_answer_fast_with_a_status(milvus_path, catalog_path, tmp_path):
