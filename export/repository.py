@@ -52,8 +52,9 @@ class ServingCfg:
     query_intra_op_threads: int = 0  # 0 = ONNX Runtime's default (all cores)
     preprocess_instances: int = 1
     allow_spinning: bool = True  # python flavour: ONNX Runtime worker threads busy-wait between runs
-    # The query path must not wait: a 500 us delay cost 1.5-2 ms at concurrency 1 (bench/results/serving.md), and
-    # under load requests queue behind the busy instance and are batched anyway. The product path keeps a delay:
+    # The query path does not wait: a delay is pure waiting at concurrency 1, and under load requests queue behind
+    # the busy instance and are batched anyway (bench/results/tuning.md: 335 vs 284 queries/s at concurrency 8
+    # against a 500 us delay). The product path keeps a delay:
     # with delay 0 on every model tritonserver 2.51 crashed once (SIGSEGV in TRITONSERVER_ServerInferAsync) and hung
     # once in the hostile-input tests (product ensembles whose image branch fails while the text branch runs).
     query_queue_delay_us: int = 0
