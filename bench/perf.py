@@ -84,11 +84,16 @@ def write_input_data(directory: Path, catalog: str, n: int) -> dict[str, Path]:
         products.append({"TITLE": {"content": [str(title)], "shape": [1]},
                          "DESCRIPTION": {"content": [str(description or "")], "shape": [1]},
                          "IMAGE": {"content": {"b64": _string_b64(fetch(image))}, "shape": [1]}})
-    files = {"query_encoder": directory / "queries.json", "product_encoder": directory / "products.json"}
-    files["query_encoder"].write_text(json.dumps({"data": [{"QUERY": {"content": [q], "shape": [1]}}
-                                                           for q in queries]}))
+    files = {"query_encoder": write_query_data(directory / "queries.json", queries),
+             "product_encoder": directory / "products.json"}
     files["product_encoder"].write_text(json.dumps({"data": products}))
     return files
+
+
+def write_query_data(path: Path, queries: list[str]) -> Path:
+    """perf_analyzer --input-data for query_encoder: one request a query."""
+    path.write_text(json.dumps({"data": [{"QUERY": {"content": [q], "shape": [1]}} for q in queries]}))
+    return path
 
 
 def run_sweep(binary: str, env: dict, model: str, protocol: str, url: str, input_data: Path,

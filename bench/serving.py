@@ -28,8 +28,9 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.perf import locate_perf_analyzer, run_sweep, write_input_data  # noqa: E402
+from bench.perf import locate_perf_analyzer, run_sweep, write_query_data  # noqa: E402
 from client.encoder import TritonEncoder  # noqa: E402
+from client.index import text_length  # noqa: E402
 from export.pipeline import OnnxPipeline  # noqa: E402
 from export.serve import TritonServer, free_port  # noqa: E402
 from training.catalog import DEFAULT_CATALOG, ImageFetcher, read_catalog  # noqa: E402
@@ -167,7 +168,7 @@ def load_inputs(catalog: str, n_queries: int, n_products: int) -> tuple[list[str
     df, _ = read_catalog(catalog, limit=n_products)
     fetch = ImageFetcher(base_dir=df.attrs.get("base_dir"))
     products = [(str(t), str(d or ""), fetch(img)) for t, d, img in zip(df["title"], df["description"], df["image"])]
-    products.sort(key=lambda p: len(p[0]) + len(p[1]))  # the order client/index.py sends them in, for every path
+    products.sort(key=lambda p: text_length(p[0], p[1]))  # the order client/index.py sends them in, for every path
     return queries[:n_queries], products
 
 
@@ -200,7 +201,7 @@ def run(args: argparse.Namespace) -> dict:
         # The same server under perf_analyzer (C++ client): what Triton costs without the Python client's own time.
         binary, env = locate_perf_analyzer()
         with tempfile.TemporaryDirectory() as tmp:
-            data = write_input_data(Path(tmp), args.catalog, len(queries))["query_encoder"]
+            data = write_query_data(Path(tmp) / "queries.json", queries)
             for row in run_sweep(binary, env, "query_encoder", "grpc", server.grpc_url, data, PERF_CONCURRENCY,
                                  3000, Path(tmp) / "query.csv"):
                 if row["concurrency"] == 1:

@@ -48,6 +48,12 @@ class IndexReport:
                 f"{self.malformed_rows} malformed catalog rows; {self.seconds:.1f}s ({rate:.1f} products/s)")
 
 
+def text_length(title: object, description: object) -> int:
+    """Sort key for indexing order: requests of similar text lengths, because the CPU flavour pads each batch
+    only to its longest text."""
+    return len(str(title or "")) + len(str(description or ""))
+
+
 class Indexer:
     def __init__(self, triton_url: str, protocol: str, client, collection: str, batch_size: int = 16,
                  concurrency: int = 4, retries: int = 3, backoff_s: float = 1.0, timeout_s: float = 60.0):
@@ -112,8 +118,7 @@ class Indexer:
             done = store.existing_ids(self.client, [r[store.ID] for r in rows], self.collection)
             report.skipped = len(done)
             rows = [r for r in rows if r[store.ID] not in done]
-        # Requests of similar text lengths: the CPU flavour pads each batch only to its longest text.
-        rows.sort(key=lambda r: len(str(r["title"] or "")) + len(str(r["description"] or "")))
+        rows.sort(key=lambda r: text_length(r["title"], r["description"]))
         fetch = ImageFetcher(base_dir=df.attrs["base_dir"])
 
         def load_images(batch: list[dict]) -> tuple[list[bytes | None], list[tuple[str, str]]]:

@@ -54,9 +54,9 @@ class ServingCfg:
     allow_spinning: bool = True  # python flavour: ONNX Runtime worker threads busy-wait between runs
     # The query path does not wait: a delay is pure waiting at concurrency 1, and under load requests queue behind
     # the busy instance and are batched anyway (bench/results/tuning.md: 335 vs 284 queries/s at concurrency 8
-    # against a 500 us delay). The product path keeps a delay:
-    # with delay 0 on every model tritonserver 2.51 crashed once (SIGSEGV in TRITONSERVER_ServerInferAsync) and hung
-    # once in the hostile-input tests (product ensembles whose image branch fails while the text branch runs).
+    # against a 500 us delay). The product path keeps a delay: with delay 0 on every model tritonserver 2.51 crashed
+    # once (SIGSEGV in TRITONSERVER_ServerInferAsync) and hung once in the hostile-input tests (product ensembles
+    # whose image branch fails while the text branch runs).
     query_queue_delay_us: int = 0
     product_queue_delay_us: int = 2000
     preferred_batch_sizes: tuple[int, ...] = (8, 16, 32)
