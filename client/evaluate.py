@@ -5,7 +5,8 @@
 Same query set format and metrics as `python -m training.evaluate` (which runs the PyTorch towers
 in-process); the two agree up to what the served graph variant (e.g. INT8) and the Milvus index
 change. Relevant products that are not in the collection are dropped, as the in-process
-evaluation drops those outside its corpus.
+evaluation drops those outside its corpus. An image query's own product is left out of its ranking
+and its relevant set, as in training.evaluate.
 """
 
 from __future__ import annotations
@@ -26,22 +27,21 @@ from client import store  # noqa: E402
 from client.encoder import EncoderUnavailable, EncodingError, TritonEncoder  # noqa: E402
 from client.index import add_connection_args  # noqa: E402
 from training.catalog import DEFAULT_CATALOG, CatalogError, ColumnMap, ImageFetcher, read_catalog  # noqa: E402
-from training.metrics import KS, format_table, retrieval_metrics  # noqa: E402
+from training.metrics import KS, format_table, retrieval_metrics, without_query_products  # noqa: E402
 from training.queries import DEFAULT_EVAL_SET, QuerySet  # noqa: E402
 
 logger = logging.getLogger("client.evaluate")
 
 
-def _ranked(client, collection: str, vectors, k: int, metric: str) -> list[list[str]]:
-    return [[hit.product_id for hit in hits]
-            for hits in store.search(client, vectors, k, collection, metric=metric)]
+def _ranked(client, collection: str, vectors, k: int, index: tuple[str, str]) -> list[list[str]]:
+    return [[hit.product_id for hit in hits] for hits in store.search(client, vectors, k, collection, index=index)]
 
 
 def evaluate_served(encoder: TritonEncoder, client, queries: Path, catalog: str | None,
                     columns: ColumnMap | None = None, collection: str = store.COLLECTION,
                     batch_size: int = 32) -> dict:
     qs = QuerySet.load(queries)
-    metric = store.collection_metric(client, collection)
+    index = store.collection_index(client, collection)
     client.load_collection(collection)
     k = max(KS)
     wanted = {r for rel in qs.text_relevant + qs.image_relevant for r in rel}
@@ -55,9 +55,9 @@ def evaluate_served(encoder: TritonEncoder, client, queries: Path, catalog: str 
     text_items = keep(qs.texts, qs.text_relevant)
     if text_items:
         ranked = []
-        for start in tqdm(range(0, len(text_items), batch_size), desc="text queries", unit="batch"):
+        for start in tqdm(range(0, len(text_items), batch_size), desc="text queries", unit="batch", disable=None):
             batch = [q for q, _ in text_items[start:start + batch_size]]
-            ranked += _ranked(client, collection, encoder.embed_queries(batch), k, metric)
+            ranked += _ranked(client, collection, encoder.embed_queries(batch), k, index)
         out["metrics"]["text"] = retrieval_metrics(ranked, [rel for _, rel in text_items], KS)
     image_items = keep(qs.image_ids, qs.image_relevant)
     if image_items and encoder.multimodal:
@@ -66,17 +66,20 @@ def evaluate_served(encoder: TritonEncoder, client, queries: Path, catalog: str 
         df, _ = read_catalog(catalog, columns)
         refs = dict(zip(df["product_id"].astype(str), df["image"]))
         fetch = ImageFetcher(base_dir=df.attrs.get("base_dir"))
-        ranked, relevant = [], []
-        for start in tqdm(range(0, len(image_items), batch_size), desc="image queries", unit="batch"):
+        ranked, relevant, photo_ids = [], [], []
+        for start in tqdm(range(0, len(image_items), batch_size), desc="image queries", unit="batch", disable=None):
             batch = []
             for product_id, rel in image_items[start:start + batch_size]:
                 try:
-                    batch.append((fetch(refs[product_id]), rel))
+                    batch.append((fetch(refs[product_id]), rel, product_id))
                 except Exception as exc:  # noqa: BLE001  (a query whose photo is unreadable is skipped, and said)
                     logger.warning("image query %s skipped: %s", product_id, exc)
             if batch:
-                ranked += _ranked(client, collection, encoder.embed_images([b for b, _ in batch]), k, metric)
-                relevant += [rel for _, rel in batch]
+                # One more than k: the photo's own product is dropped from its ranking below.
+                ranked += _ranked(client, collection, encoder.embed_images([b[0] for b in batch]), k + 1, index)
+                relevant += [b[1] for b in batch]
+                photo_ids += [b[2] for b in batch]
+        ranked, relevant = without_query_products(ranked, relevant, photo_ids, k)
         if ranked:
             out["metrics"]["image"] = retrieval_metrics(ranked, relevant, KS)
     return out

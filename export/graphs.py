@@ -58,25 +58,12 @@ class Fusion(nn.Module):
         return self.model.fuse(text_embedding, image_embedding, text_mask[:, 0], image_mask[:, 0])
 
 
-class ImageQueryHead(nn.Module):
-    """Fusion with the text part absent: where an image query lands in the product space."""
-
-    def __init__(self, model: ProductSearchModel):
-        super().__init__()
-        self.model = model
-
-    def forward(self, image_embedding):
-        n = image_embedding.shape[0]
-        zeros = torch.zeros(n, dtype=image_embedding.dtype, device=image_embedding.device)
-        return self.model.fuse(torch.zeros_like(image_embedding), image_embedding, zeros, zeros + 1)
-
-
 WRAPPERS = {
     "query_tower": lambda model: Tower(model, "encode_query"),
     "text_tower": lambda model: Tower(model, "encode_product_text"),
     "image_tower": lambda model: Tower(model, "encode_image"),
     "fusion": Fusion,
-    "image_query_head": ImageQueryHead,
+    "image_query_head": lambda model: Tower(model, "encode_image_query"),
 }
 
 

@@ -31,13 +31,14 @@ def sample_csv() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    """A test-tiny checkpoint: real MiniLM weights, its top layer and the heads trained briefly on real rows
-    (enough for an exact title to find its product, which the search tests check)."""
+    """A test-tiny checkpoint: real MiniLM weights, its top layer, a micro CNN and the heads trained briefly
+    on real rows (enough for an exact title to find its product, which the search tests check, and for
+    photo search to beat the untrained model on held-out products, which test_train checks)."""
     from training.train import TrainCfg, train
 
     out = tmp_path_factory.mktemp("ckpt") / "tiny"
     cfg = TrainCfg(model="test-tiny", catalog=str(CATALOG), limit=600, batch_size=32, epochs=5, lr=3e-3,
-                   lr_pretrained=1e-4, val_queries=50, eval_at_start=False, out=str(out),
+                   lr_pretrained=1e-4, val_queries=50, val_fraction=0.2, eval_at_start=True, out=str(out),
                    cache_dir=str(tmp_path_factory.mktemp("cache")))
     return train(cfg)
 

@@ -146,7 +146,10 @@ def test_served_evaluation_agrees_with_the_in_process_one(triton, milvus, milvus
 
     ids, titles = products["product_id"].astype(str).tolist(), products["title"].tolist()
     lines = [{"query": t, "relevant": [i]} for i, t in zip(ids[:60], titles[:60])]
-    lines += [{"image_product_id": i, "relevant": [i]} for i in ids[100:120]]
+    looks = list(zip(products["article_type"], products["base_colour"]))
+    same_look = {i: [j for j, lj in zip(ids, looks) if lj == li] for i, li in zip(ids, looks)}
+    photos = [i for i in ids[100:160] if len(same_look[i]) > 1][:20]  # relevant: the *other* products of its look
+    lines += [{"image_product_id": i, "relevant": same_look[i]} for i in photos]
     lines.append({"query": "a product that was never indexed", "relevant": ["no-such-id"]})  # dropped, as in-process
     queries = tmp_path / "queries.jsonl"
     queries.write_text("".join(json.dumps(x) + "\n" for x in lines))
@@ -162,7 +165,7 @@ def test_served_evaluation_agrees_with_the_in_process_one(triton, milvus, milvus
         for metric in ("recall@10", "recall@100", "mrr@10", "ndcg@10"):
             assert abs(a[metric] - b[metric]) <= 0.05, (kind, metric, a[metric], b[metric])
     assert served["metrics"]["text"]["recall@10"] >= 0.75  # exact titles, tiny model
-    assert served["metrics"]["image"]["recall@1"] >= 0.9  # a product's own photo
+    assert served["metrics"]["image"]["ndcg@10"] > 0.3  # 0.5-0.6 here; the own product does not count
 
     code = evaluate_main(["--queries", str(queries), "--catalog", str(catalog_path), "--triton-url", triton.grpc_url,
                           "--milvus-uri", milvus_path, "--collection", "products",

@@ -8,7 +8,16 @@ from safetensors.torch import load_file
 from training.catalog import read_catalog
 from training.data import build_product_set
 from training.factory import create_model, create_tokenizer, preprocess_config
-from training.train import TrainCfg, build_optimizer, compute_loss, make_batch, parse_args, train
+from training.train import (
+    TrainCfg,
+    augment_pixels,
+    build_optimizer,
+    compute_loss,
+    make_batch,
+    multi_positive_nce,
+    parse_args,
+    train,
+)
 
 
 def _cfg(tmp_path, **kw):
@@ -50,6 +59,45 @@ def test_training_writes_an_export_ready_checkpoint_with_validation(tmp_path, ca
     reloaded = create_model(out)  # rebuilds from the checkpoint alone
     saved = load_file(str(out / "model.safetensors"))
     torch.testing.assert_close(reloaded.state_dict()["text_proj.weight"], saved["text_proj.weight"])
+
+
+def test_photo_search_learns_looks_not_pixels(tiny_checkpoint):
+    """Held-out photos find *other* products of their type and colour better once trained.
+
+    The photo's own product is out of its ranking, so memorising pixels scores nothing here (the old
+    image metric, R@1 of the own product, read 0.999 before any training).
+    """
+    history = json.loads((tiny_checkpoint / "config.json").read_text())["history"]
+    untrained, trained = history[0], history[-1]
+    assert untrained["step"] == 0 and trained["step"] > 0
+    assert trained["image_queries"] >= 50
+    assert trained["image_ndcg@10"] > untrained["image_ndcg@10"] + 0.15, (untrained, trained)
+    assert trained["image_recall@10"] > untrained["image_recall@10"] + 0.15
+
+
+def test_photo_loss_pulls_every_same_look_product_and_ignores_the_own_one():
+    a = torch.nn.functional.normalize(torch.randn(2, 8), dim=-1)
+    b = torch.cat([a, torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)])
+    scale = torch.tensor(3.0)
+    own = torch.zeros(2, 5, dtype=torch.bool)
+    own[0, 0] = own[1, 1] = True
+    positives = torch.zeros(2, 5, dtype=torch.bool)
+    positives[0, 2] = True  # row 1 has none: it does not count
+    loss = multi_positive_nce(a, b, scale, positives, own)
+    logits = scale.exp() * a[0] @ b[1:].T  # the own product (column 0) is out of the softmax
+    assert loss.item() == pytest.approx(-(logits.log_softmax(-1)[1]).item(), rel=1e-5)
+    b_moved = b.clone()
+    b_moved[0] = -b[0]  # moving the own product changes nothing
+    assert multi_positive_nce(a, b_moved, scale, positives, own).item() == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_photo_augmentation_keeps_colours():
+    pixels = torch.rand(4, 3, 16, 16)
+    out = augment_pixels(pixels, torch.Generator().manual_seed(0), 0.6)
+    assert out.shape == pixels.shape and not torch.equal(out, pixels)
+    # Crops and flips resample pixels; they never shift a channel's range (no hue jitter).
+    assert (out.amin(dim=(2, 3)) >= pixels.amin(dim=(2, 3)) - 1e-5).all()
+    assert (out.amax(dim=(2, 3)) <= pixels.amax(dim=(2, 3)) + 1e-5).all()
 
 
 def test_an_interrupted_run_resumes_exactly(tmp_path, catalog_path):

@@ -10,6 +10,7 @@ Only pandas, numpy and Pillow: the indexing client reads catalogs with this modu
 
 from __future__ import annotations
 
+import csv
 import gzip
 import hashlib
 import json
@@ -116,17 +117,51 @@ def _read_table(path: Path, report: CatalogReport) -> pd.DataFrame:
                     report.malformed.append((lineno, f"invalid JSON ({exc})"))
         return pd.DataFrame.from_records(records)
     if suffix.startswith((".csv", ".tsv")):
-        bad = []
-
-        def on_bad(line: list[str]) -> None:
-            bad.append(line)
-
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, engine="python",
-                         sep="\t" if suffix.startswith(".tsv") else ",", on_bad_lines=on_bad)
-        for line in bad:
-            report.malformed.append((-1, f"wrong number of fields: {str(line)[:80]}"))
-        return df
+        return _read_csv(path, "\t" if suffix.startswith(".tsv") else ",", report)
     raise CatalogError(f"{path}: unknown catalog format {suffix!r} (expected .csv, .tsv, .jsonl, .parquet)")
+
+
+def _read_csv(path: Path, sep: str, report: CatalogReport) -> pd.DataFrame:
+    """Every line of a CSV ends up in a row, in `report.malformed`, or blank: nothing vanishes.
+
+    A stray quote makes a CSV parser swallow the lines after it into one field. Such a record (one
+    that spans lines and has the wrong number of fields, or never closes its quote) is reported by
+    its first line, and parsing restarts on the line after it. Quoted fields that legitimately span
+    lines (a description with line breaks) are kept.
+    """
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8", errors="replace", newline="") as f:
+        lines = f.read().splitlines(keepends=True)
+    header: list[str] | None = None
+    records: list[list[str]] = []
+    start = 0  # index of the first line not yet accounted for
+    while start < len(lines):
+        reader = csv.reader(lines[start:], delimiter=sep, strict=True)
+        first = start  # index of the line the current record begins on
+        try:
+            for record in reader:
+                end = start + reader.line_num  # index after the record's last line
+                if not record or record == [""]:
+                    first = end
+                    continue
+                if header is None:
+                    header = record
+                elif len(record) == len(header):
+                    records.append([*record, first + 1])
+                elif end - first > 1:  # a quote that swallowed the lines after it
+                    raise csv.Error(f"a quoted field runs over {end - first} lines and the record has "
+                                    f"{len(record)} of {len(header)} fields")
+                else:
+                    report.malformed.append((first + 1, f"{len(record)} fields, expected {len(header)}: "
+                                                        f"{sep.join(record)[:80]}"))
+                first = end
+            break
+        except csv.Error as exc:
+            report.malformed.append((first + 1, f"broken quoting ({exc}): {lines[first].strip()[:80]}"))
+            start = first + 1
+    if header is None:
+        raise CatalogError(f"{path}: empty CSV (no header row)")
+    return pd.DataFrame(records, columns=[*header, "_row"], dtype=str).astype({"_row": int})
 
 
 def _text(value) -> str:

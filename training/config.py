@@ -13,6 +13,7 @@ TOWER_VARIANTS = {
     4: "4tMM: query = BERT fused with a CLIP text encoder, product = BERT text fused with CLIP image",
 }
 FUSION_KINDS = ("concat", "alpha_concat", "mlp")
+IMAGE_QUERY_MODES = ("learned", "image")
 
 
 @dataclass
@@ -54,6 +55,11 @@ class ModelCfg:
     share_text_encoder: bool = True  # one BERT for queries and product text, or two copies
     init_logit_scale: float = 2.9957  # log(1 / 0.05): InfoNCE temperature 0.05 at start
     max_logit_scale: float = 4.6052  # log(100): the temperature never drops below 0.01
+    # What fills the text slot of an image-only query (photo search): "learned" = the learned
+    # missing-text vector, so a photo is matched on the image half alone; "image" = the photo's own
+    # image part, which the photo-text (CLIP) loss aligns with product texts, so a photo is matched
+    # on both halves: products whose *text* names what the photo shows rank high too.
+    image_query: str = "learned"
     text_cfg: TextCfg = field(default_factory=TextCfg)
     vision_cfg: VisionCfg | None = field(default_factory=VisionCfg)
     fusion_cfg: FusionCfg = field(default_factory=FusionCfg)
@@ -69,6 +75,8 @@ class ModelCfg:
             raise ValueError(f"towers must be one of {sorted(TOWER_VARIANTS)}, got {self.towers}")
         if self.fusion_cfg.kind not in FUSION_KINDS:
             raise ValueError(f"fusion_cfg.kind must be one of {FUSION_KINDS}, got {self.fusion_cfg.kind!r}")
+        if self.image_query not in IMAGE_QUERY_MODES:
+            raise ValueError(f"image_query must be one of {IMAGE_QUERY_MODES}, got {self.image_query!r}")
         if self.text_cfg.pooling not in ("mean", "cls"):
             raise ValueError(f"text_cfg.pooling must be 'mean' or 'cls', got {self.text_cfg.pooling!r}")
         if self.towers >= 3 and self.vision_cfg is None:

@@ -58,7 +58,7 @@ def load_pixels(df: pd.DataFrame, image_cfg: dict, report: CatalogReport,
     fetch = ImageFetcher(base_dir=df.attrs.get("base_dir", "."))
     broken = []
     for i, (pid, ref) in enumerate(tqdm(zip(df["product_id"], df["image"]), total=len(df),
-                                        desc="images", unit="img", mininterval=2)):
+                                        desc="images", unit="img", mininterval=2, disable=None)):
         if not has_image_ref(ref):  # already counted as missing by read_catalog
             continue
         try:

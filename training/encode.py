@@ -36,9 +36,8 @@ def embed_queries(model: ProductSearchModel, tokenizer, texts: Sequence[str],
 
 @torch.no_grad()
 def embed_products(model: ProductSearchModel, tokenizer, products: ProductSet, image_cfg: dict | None,
-                   indices: Sequence[int] | None = None, batch_size: int = 128,
-                   use_text: bool = True, use_image: bool = True) -> np.ndarray:
-    """Product embeddings; `use_text=False` gives image queries (the image-to-product path)."""
+                   indices: Sequence[int] | None = None, batch_size: int = 128) -> np.ndarray:
+    """Product embeddings (text and image fused; a product without a photo embeds text-only)."""
     model.eval()
     indices = np.arange(len(products)) if indices is None else np.asarray(indices)
     out = []
@@ -49,9 +48,19 @@ def embed_products(model: ProductSearchModel, tokenizer, products: ProductSet, i
             out.append(model.encode_product(**batch).numpy())
             continue
         n = len(idx)
-        text_mask = torch.full((n,), float(use_text))
-        image_mask = torch.from_numpy(products.has_image[idx].astype(np.float32)) * float(use_image)
+        text_mask = torch.ones(n)
+        image_mask = torch.from_numpy(products.has_image[idx].astype(np.float32))
         pixels = pixel_tensor(products.pixels[idx], image_cfg)
         out.append(model.encode_product(**batch, pixel_values=pixels, text_mask=text_mask,
                                         image_mask=image_mask).numpy())
+    return np.concatenate(out) if out else np.zeros((0, model.cfg.embed_dim), np.float32)
+
+
+@torch.no_grad()
+def embed_image_queries(model: ProductSearchModel, pixels: np.ndarray, image_cfg: dict,
+                        batch_size: int = 256) -> np.ndarray:
+    """Product photos, uint8 (N, S, S, 3), as image queries (the image-to-product path)."""
+    model.eval()
+    out = [model.encode_image_query(model.encode_image(pixel_tensor(pixels[s:s + batch_size], image_cfg))).numpy()
+           for s in range(0, len(pixels), batch_size)]
     return np.concatenate(out) if out else np.zeros((0, model.cfg.embed_dim), np.float32)

@@ -4,8 +4,9 @@
 
 A query set is JSONL: {"query": "...", "relevant": [ids]} for text queries, or
 {"image_product_id": "...", "relevant": [ids]} for image queries (the photo of that catalog
-product is the query). Reports Recall@{1,10,100} (capped, see training.metrics), nDCG@10, MRR@10
-and the query count, per query kind, as a table and as JSON.
+product is the query; that product itself is left out of the ranking and of the relevant set,
+so a photo scores by the *other* products it finds). Reports Recall@{1,10,100} (capped, see
+training.metrics), nDCG@10, MRR@10 and the query count, per query kind, as a table and as JSON.
 
 `--degrade colour` removes colour words from every product's text before embedding it: what a
 model still finds then comes from the image.
@@ -24,9 +25,9 @@ import numpy as np
 
 from .catalog import DEFAULT_CATALOG, ColumnMap, read_catalog
 from .data import ProductSet, build_product_set
-from .encode import embed_products, embed_queries
+from .encode import embed_image_queries, embed_products, embed_queries
 from .factory import create_model, create_tokenizer, load_checkpoint_config
-from .metrics import format_table, rank, retrieval_metrics
+from .metrics import format_table, rank, retrieval_metrics, without_query_products
 from .queries import QuerySet
 
 logger = logging.getLogger("training.evaluate")
@@ -89,9 +90,11 @@ def evaluate(checkpoint: str | Path, queries: QuerySet, catalog: str = DEFAULT_C
                  if q in position and rel and products.has_image[position[q]]]
         if pairs:
             idx = [i for i, _ in pairs]
-            image_emb = embed_products(model, tokenizer, products, image_cfg, idx, use_text=False)
-            ranked = rank(image_emb, product_emb, ids, k=max(KS))
-            out["metrics"]["image"] = retrieval_metrics(ranked, [r for _, r in pairs], KS)
+            image_emb = embed_image_queries(model, products.pixels[idx], image_cfg)
+            ranked, relevant = without_query_products(rank(image_emb, product_emb, ids, k=max(KS) + 1),
+                                                      [r for _, r in pairs], [ids[i] for i in idx], max(KS))
+            if ranked:
+                out["metrics"]["image"] = retrieval_metrics(ranked, relevant, KS)
     return out
 
 

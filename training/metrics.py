@@ -41,6 +41,21 @@ def retrieval_metrics(ranked: Sequence[Sequence[str]], relevant: Sequence[Sequen
     return out
 
 
+def without_query_products(ranked: Sequence[Sequence[str]], relevant: Sequence[Sequence[str]],
+                           query_ids: Sequence[str], k: int = max(KS)) -> tuple[list[list[str]], list[list[str]]]:
+    """Image queries scored on the *other* products: each photo's own product leaves its ranking
+    and its relevant set. Finding the product a photo was taken of proves memory, not
+    understanding. Queries left with nothing relevant are dropped. Rank k + 1 to keep k.
+    """
+    out_ranked, out_relevant = [], []
+    for ranking, rel, qid in zip(ranked, relevant, query_ids, strict=True):
+        rel = [r for r in rel if r != qid]
+        if rel:
+            out_ranked.append([p for p in ranking if p != qid][:k])
+            out_relevant.append(rel)
+    return out_ranked, out_relevant
+
+
 def rank(query_embeddings: np.ndarray, product_embeddings: np.ndarray, ids: Sequence[str],
          k: int = 100, chunk: int = 1024) -> list[list[str]]:
     """Exact top-k by inner product (embeddings are unit vectors, so this is cosine)."""

@@ -166,6 +166,13 @@ class ProductSearchModel(nn.Module):
         """Text part + image part with presence masks (B,) -> product embedding (B, D)."""
         return self.fusion(text, image, text_mask, image_mask)
 
+    def encode_image_query(self, image: torch.Tensor) -> torch.Tensor:
+        """An image part (B, P) as a query (B, D): where a shopper's photo lands in the product space."""
+        ones = torch.ones(image.shape[0], dtype=image.dtype, device=image.device)
+        if self.cfg.image_query == "image":
+            return self.fuse(image, image, ones, ones)
+        return self.fuse(torch.zeros_like(image), image, ones - 1, ones)
+
     def encode_product(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        pixel_values: torch.Tensor | None = None,
                        text_mask: torch.Tensor | None = None,

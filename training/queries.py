@@ -94,6 +94,15 @@ def product_attributes(row: Mapping) -> dict[str, str]:
     return attrs
 
 
+def look(attrs: Mapping[str, str]) -> tuple[str, str]:
+    """What a photo shows that a shopper searches by: (article type, colour), lowercase.
+
+    Image queries count the products with the same look as relevant (the committed eval set's
+    definition); training treats in-batch products with the same look as positives of a photo.
+    """
+    return attrs.get("article_type", "").lower(), attrs.get("base_colour", "").lower()
+
+
 def words(text: str) -> list[str]:
     """Lowercase words, the unit title constraints are matched on."""
     return re.findall(r"[\w'&-]+", text.lower())

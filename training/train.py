@@ -22,20 +22,22 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from .catalog import DEFAULT_CATALOG, ColumnMap, read_catalog
 from .data import ProductSet, build_product_set, split_indices
-from .encode import embed_products, embed_queries, pixel_tensor, tokenize
+from .encode import embed_image_queries, embed_products, embed_queries, pixel_tensor, tokenize
 from .factory import create_model, create_tokenizer, get_model_config, list_models, preprocess_config, save_checkpoint
-from .metrics import rank, retrieval_metrics
+from .metrics import rank, retrieval_metrics, without_query_products
 from .model import ProductSearchModel
-from .queries import Query, generate_queries, generate_query, relevant_ids
+from .queries import Query, generate_queries, generate_query, look, relevant_ids
 
 logger = logging.getLogger("training")
 
 STATE_FILE = "training_state.pt"
 LOG_FILE = "train_log.jsonl"  # one line of losses per step
+LOG_EVERY = 25  # steps between progress lines when stderr is not a terminal
 
 
 def _f(default, help: str):
@@ -60,10 +62,21 @@ class TrainCfg:
     grad_clip: float = _f(1.0, "max gradient norm (0 = no clipping)")
     text_dropout: float = _f(0.1, "probability of hiding a product's text in training (modality dropout)")
     image_dropout: float = _f(0.1, "probability of hiding a product's image in training (modality dropout)")
-    image_query_weight: float = _f(0.5, "weight of the image-query -> product InfoNCE term (multimodal only)")
+    image_query_weight: float = _f(0.5, "weight of the photo-search term: a product photo as the query, the other "
+                                   "in-batch products of the same article type and colour as its positives "
+                                   "(its own product excluded, so memorising pixels cannot pay)")
+    photo_text_weight: float = _f(1.0, "weight of the photo <-> own product text InfoNCE (CLIP's objective: the "
+                                  "image part learns what titles name)")
+    attribute_weight: float = _f(0.5, "weight of the auxiliary classifiers on the image part (article type, "
+                                 "colour; training only, not exported)")
+    augment: bool = _f(True, "random crops and horizontal flips of product photos in training (never hue: "
+                       "colour is what shoppers search for)")
+    crop_scale: float = _f(0.6, "smallest share of the photo's area a random crop keeps")
     hard_negatives: bool = _f(False, "add one hard negative per product: same article type, other colour")
     seed: int = _f(0, "seed for the split, query generation, batching and dropout")
     save_every: int = _f(200, "save a resumable checkpoint every N steps (and at each epoch end)")
+    val_every: int = _f(0, "also validate every N steps: a learning curve in config.json's history (0 = only at "
+                        "epoch ends)")
     eval_at_start: bool = _f(True, "validate the untrained model first (step 0 of the history in config.json)")
     threads: int = _f(0, "torch intra-op threads (0 = torch default)")
     cache_dir: str = _f("cache", "where decoded catalog images are cached between runs")
@@ -109,6 +122,65 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor,
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :n].T, target))
 
 
+def multi_positive_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor,
+                       positives: torch.Tensor, excluded: torch.Tensor) -> torch.Tensor:
+    """InfoNCE with several positives per row (SupCon's L_out): every positive is pulled up.
+
+    `positives` and `excluded` are (len(a), len(b)) masks; excluded entries leave the softmax.
+    Rows without a positive do not count.
+    """
+    logits = (logit_scale.exp() * a @ b.T).masked_fill(excluded, float("-inf"))
+    log_p = logits.log_softmax(dim=-1).masked_fill(~positives, 0.0)
+    rows = positives.any(dim=1)
+    if not rows.any():
+        return a.sum() * 0.0
+    return -(log_p.sum(1)[rows] / positives.sum(1)[rows]).mean()
+
+
+def augment_pixels(pixels: torch.Tensor, gen: torch.Generator, min_scale: float) -> torch.Tensor:
+    """Random resized crops and horizontal flips of normalized pixels (B, 3, S, S), in one resample.
+
+    Geometry only: colour is what shoppers search for, so hue and saturation are never touched.
+    """
+    n = pixels.shape[0]
+    side = torch.empty(n).uniform_(min_scale, 1.0, generator=gen).sqrt()  # crop side / image side
+    shift = (torch.rand(n, 2, generator=gen) * 2 - 1) * (1 - side).unsqueeze(1)
+    flip = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 1, 1] = side * flip, side
+    theta[:, :, 2] = shift
+    grid = F.affine_grid(theta, list(pixels.shape), align_corners=False)
+    return F.grid_sample(pixels, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+class AttributeHeads(nn.Module):
+    """Linear classifiers on the image part, one per catalog attribute (training only).
+
+    Every catalog has a category column: naming it from the photo is a dense, cheap signal that
+    a from-scratch image tower learns from faster than from in-batch contrast alone.
+    """
+
+    ATTRIBUTES = ("article_type", "base_colour")
+
+    def __init__(self, products: ProductSet, indices: np.ndarray, part_dim: int):
+        super().__init__()
+        self.vocab = {a: sorted({products.attrs[i][a].lower() for i in indices} - {""}) for a in self.ATTRIBUTES}
+        self.heads = nn.ModuleDict({a: nn.Linear(part_dim, len(v)) for a, v in self.vocab.items()})
+        self.labels = {a: torch.tensor([self._label(a, attrs[a]) for attrs in products.attrs])
+                       for a in self.ATTRIBUTES}
+
+    def _label(self, attribute: str, value: str) -> int:
+        values = self.vocab[attribute]
+        value = value.lower()
+        position = np.searchsorted(values, value)
+        return int(position) if position < len(values) and values[position] == value else -100
+
+    def forward(self, image: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
+        rows = torch.from_numpy(idx)
+        return sum(F.cross_entropy(head(image), self.labels[a][rows], ignore_index=-100)
+                   for a, head in self.heads.items()) / len(self.heads)
+
+
 # -- one step ---------------------------------------------------------------------------------
 
 @dataclass
@@ -133,7 +205,8 @@ def make_batch(products: ProductSet, idx: np.ndarray, cfg: TrainCfg, step: int,
 
 
 def compute_loss(model: ProductSearchModel, tokenizer, products: ProductSet, batch: Batch,
-                 image_cfg: dict | None, cfg: TrainCfg, step: int) -> dict[str, torch.Tensor]:
+                 image_cfg: dict | None, cfg: TrainCfg, step: int,
+                 heads: AttributeHeads | None = None) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
     torch.manual_seed(cfg.seed * 104_729 + step)  # dropout inside the towers: exact on resume
     n, idx = len(batch.queries), batch.products
@@ -144,24 +217,40 @@ def compute_loss(model: ProductSearchModel, tokenizer, products: ProductSet, bat
     losses = {}
     fn = torch.tensor([[j != i and q.matches(products.attrs[idx[j]]) for j in range(len(idx))]
                        for i, q in enumerate(batch.queries)])
-    if model.cfg.multimodal:
-        image = model.encode_image(pixel_tensor(products.pixels[idx], image_cfg))
-        has_image = torch.from_numpy(products.has_image[idx].astype(np.float32))
-        # Modality dropout: hide one modality (never both) so that partial products still embed.
-        u = torch.rand(len(idx), generator=gen)
-        text_mask = (u >= cfg.text_dropout).float()
-        image_mask = has_image * (u < 1 - cfg.image_dropout).float()
-        text_mask = torch.maximum(text_mask, 1 - image_mask)
-        product = model.fuse(text, image, text_mask, image_mask)
-        losses["query"] = info_nce(queries, product, model.logit_scale, fn)
-        if cfg.image_query_weight > 0 and has_image[:n].any():
-            rows = torch.nonzero(has_image[:n]).squeeze(1)
-            zeros = torch.zeros(len(rows))
-            image_query = model.fuse(text[rows], image[rows], zeros, torch.ones(len(rows)))
-            losses["image"] = info_nce(image_query, product[rows], model.logit_scale)
-    else:
+    if not model.cfg.multimodal:
         losses["query"] = info_nce(queries, text, model.logit_scale, fn)
-    losses["loss"] = losses["query"] + cfg.image_query_weight * losses.get("image", 0.0)
+        losses["loss"] = losses["query"]
+        return losses
+    pixels = pixel_tensor(products.pixels[idx], image_cfg)
+    if cfg.augment:
+        pixels = augment_pixels(pixels, gen, cfg.crop_scale)
+    image = model.encode_image(pixels)
+    has_image = torch.from_numpy(products.has_image[idx].astype(np.float32))
+    # Modality dropout: hide one modality (never both) so that partial products still embed.
+    u = torch.rand(len(idx), generator=gen)
+    text_mask = (u >= cfg.text_dropout).float()
+    image_mask = has_image * (u < 1 - cfg.image_dropout).float()
+    text_mask = torch.maximum(text_mask, 1 - image_mask)
+    product = model.fuse(text, image, text_mask, image_mask)
+    losses["query"] = info_nce(queries, product, model.logit_scale, fn)
+    rows = torch.nonzero(has_image[:n]).squeeze(1)
+    if len(rows):
+        looks = [look(products.attrs[i]) for i in idx]
+        same_look = torch.tensor([[looks[r] == looks[j] for j in range(len(idx))] for r in rows.tolist()])
+        own = torch.zeros_like(same_look)
+        own[torch.arange(len(rows)), rows] = True
+        if cfg.photo_text_weight > 0:
+            # Other products of the same look are not negatives of a photo's text (as for queries).
+            losses["photo_text"] = info_nce(image[rows], text[rows], model.logit_scale,
+                                            same_look[:, rows] & ~own[:, rows])
+        if cfg.image_query_weight > 0:
+            losses["image"] = multi_positive_nce(model.encode_image_query(image[rows]), product,
+                                                 model.logit_scale, same_look & ~own, own)
+        if heads is not None and cfg.attribute_weight > 0:
+            losses["attributes"] = heads(image[rows], idx[rows.numpy()])
+    weights = {"query": 1.0, "photo_text": cfg.photo_text_weight, "image": cfg.image_query_weight,
+               "attributes": cfg.attribute_weight}
+    losses["loss"] = sum(weights[k] * v for k, v in losses.items())
     return losses
 
 
@@ -172,6 +261,8 @@ class Validation:
     indices: np.ndarray
     queries: list[Query]
     relevant: list[list[str]]
+    photos: np.ndarray  # held-out products with a photo: the image queries
+    photo_relevant: list[list[str]]  # the other held-out products of the same look
 
     @classmethod
     def build(cls, products: ProductSet, indices: np.ndarray, cfg: TrainCfg) -> Validation:
@@ -182,31 +273,39 @@ class Validation:
             queries = rng.sample(queries, cfg.val_queries)
         attrs = [products.attrs[i] for i in indices]
         ids = [products.ids[i] for i in indices]
-        return cls(indices, queries, [relevant_ids(q, attrs, ids) for q in queries])
+        by_look: dict[tuple[str, str], list[str]] = {}
+        for i in indices:
+            by_look.setdefault(look(products.attrs[i]), []).append(products.ids[i])
+        photos = indices[products.has_image[indices]]
+        return cls(indices, queries, [relevant_ids(q, attrs, ids) for q in queries],
+                   photos, [by_look[look(products.attrs[i])] for i in photos])
 
     def run(self, model: ProductSearchModel, tokenizer, products: ProductSet, image_cfg: dict | None) -> dict:
         ids = [products.ids[i] for i in self.indices]
         product_emb = embed_products(model, tokenizer, products, image_cfg, self.indices)
         query_emb = embed_queries(model, tokenizer, [q.text for q in self.queries])
         metrics = retrieval_metrics(rank(query_emb, product_emb, ids), self.relevant)
-        if model.cfg.multimodal:
-            with_image = self.indices[products.has_image[self.indices]]
-            image_emb = embed_products(model, tokenizer, products, image_cfg, with_image, use_text=False)
-            image_metrics = retrieval_metrics(rank(image_emb, product_emb, ids),
-                                              [[products.ids[i]] for i in with_image])
-            metrics.update({f"image_{k}": v for k, v in image_metrics.items()})
+        if model.cfg.multimodal and len(self.photos):
+            # Photo search, measured so that it can fail: the photo's own product does not count.
+            image_emb = embed_image_queries(model, products.pixels[self.photos], image_cfg)
+            photo_ids = [products.ids[i] for i in self.photos]
+            ranked, relevant = without_query_products(rank(image_emb, product_emb, ids, k=101),
+                                                      self.photo_relevant, photo_ids)
+            if ranked:
+                metrics.update({f"image_{k}": v for k, v in retrieval_metrics(ranked, relevant).items()})
         model.train()
         return metrics
 
 
 # -- the loop ---------------------------------------------------------------------------------
 
-def build_optimizer(model: ProductSearchModel, cfg: TrainCfg) -> torch.optim.Optimizer:
+def build_optimizer(model: ProductSearchModel, cfg: TrainCfg, heads: nn.Module | None = None) -> torch.optim.Optimizer:
     pretrained_prefixes = ["query_bert.", "product_bert."]
     if model.cfg.multimodal and model.cfg.vision_cfg.pretrained:
         pretrained_prefixes += ["image_encoder.", "clip_text."]
     groups = {(p, d): [] for p in (True, False) for d in (True, False)}
-    for name, param in model.named_parameters():
+    named = list(model.named_parameters()) + (list(heads.named_parameters("heads.")) if heads is not None else [])
+    for name, param in named:
         if not param.requires_grad:
             continue
         pretrained = name.startswith(tuple(pretrained_prefixes))
@@ -258,7 +357,10 @@ def train(cfg: TrainCfg, columns: ColumnMap | None = None) -> Path:
     model = create_model(source)
     tokenizer = create_tokenizer(source)
     model.train()
-    optimizer = build_optimizer(model, cfg)
+    heads = None
+    if model.cfg.multimodal and cfg.attribute_weight > 0:
+        heads = AttributeHeads(products, train_idx, model.cfg.part_dim)
+    optimizer = build_optimizer(model, cfg, heads)
     steps_per_epoch = len(train_idx) // cfg.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_idx)} training products cannot fill one batch of {cfg.batch_size}")
@@ -266,13 +368,16 @@ def train(cfg: TrainCfg, columns: ColumnMap | None = None) -> Path:
     # max_steps stops the run early without reshaping the LR schedule, like an interruption.
     total = min(scheduled, cfg.max_steps) if cfg.max_steps else scheduled
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(scheduled, cfg.warmup_steps))
-    step = 0
+    step, train_seconds = 0, 0.0  # train_seconds: time in training steps, validation excluded
     history: list[dict] = []
     if resuming:
         state = torch.load(state_file, weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
+        if heads is not None:
+            heads.load_state_dict(state["heads"])
         scheduler.load_state_dict(state["scheduler"])
         step, history = state["step"], state["history"]
+        train_seconds = state.get("train_seconds", 0.0)
         logger.info("resuming %s at step %d of %d", out, step, total)
     elif cfg.eval_at_start:
         metrics = validation.run(model, tokenizer, products, image_cfg)
@@ -284,38 +389,48 @@ def train(cfg: TrainCfg, columns: ColumnMap | None = None) -> Path:
                         catalog_report=report.summary())
         tmp = state_file.with_suffix(".tmp")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "step": step, "history": history, "finished": finished}, tmp)
+                    "heads": heads.state_dict() if heads is not None else None,
+                    "step": step, "history": history, "finished": finished, "train_seconds": train_seconds}, tmp)
         tmp.replace(state_file)
 
     out.mkdir(parents=True, exist_ok=True)
     if not resuming:
         (out / LOG_FILE).unlink(missing_ok=True)
-    bar = tqdm(total=total, initial=step, desc="train", unit="step", mininterval=2)
-    started = time.time()
+    # A bar on a terminal; piped into a log, one line every LOG_EVERY steps instead.
+    bar = tqdm(total=total, initial=step, desc="train", unit="step", mininterval=2, disable=None)
+    started, first_step = time.time(), step
     while step < total:
         epoch, position = divmod(step, steps_per_epoch)
         order = np.random.default_rng(cfg.seed * 31 + epoch).permutation(train_idx)
         idx = order[position * cfg.batch_size:(position + 1) * cfg.batch_size]
+        tick = time.perf_counter()
         batch = make_batch(products, idx, cfg, step, hard_pool)
-        losses = compute_loss(model, tokenizer, products, batch, image_cfg, cfg, step)
+        losses = compute_loss(model, tokenizer, products, batch, image_cfg, cfg, step, heads)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            params = [*model.parameters(), *(heads.parameters() if heads is not None else [])]
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         scheduler.step()
         model.clamp_logit_scale()
         step += 1
+        train_seconds += time.perf_counter() - tick
         with open(out / LOG_FILE, "a") as log:
             log.write(json.dumps({"step": step, **{k: round(v.item(), 6) for k, v in losses.items()},
                                   "lr": scheduler.get_last_lr()[0], "temperature": model.temperature}) + "\n")
         bar.update(1)
         bar.set_postfix(loss=f"{losses['loss'].item():.3f}", temp=f"{model.temperature:.3f}")
+        if bar.disable and step % LOG_EVERY == 0:
+            rate = (time.time() - started) / max(1, step - first_step)
+            logger.info("step %d/%d: loss %.3f, %.1f s/step, %.0f min left", step, total,
+                        losses["loss"].item(), rate, rate * (total - step) / 60)
         epoch_end = step % steps_per_epoch == 0 or step == total
-        if epoch_end:
+        if epoch_end or (cfg.val_every and step % cfg.val_every == 0):
             metrics = validation.run(model, tokenizer, products, image_cfg)
             history.append({"step": step, "epoch": math.ceil(step / steps_per_epoch),
-                            "seconds": round(time.time() - started, 1), **metrics})
+                            "seconds": round(time.time() - started, 1), "train_seconds": round(train_seconds, 1),
+                            **metrics})
             logger.info("step %d: %s", step, _fmt(metrics))
         if epoch_end or step % cfg.save_every == 0:
             save(finished=step == scheduled)
