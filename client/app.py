@@ -51,10 +51,10 @@ class Backend:
     """Triton + Milvus connections, made lazily and remade after a failure, so the page starts (and says
     what is down) even when a dependency is."""
 
-    def __init__(self, triton_url: str, protocol: str, milvus_uri: str, collection: str, index_type: str,
-                 timeout_s: float, milvus_credentials: tuple[str | None, str | None, str | None]):
+    def __init__(self, triton_url: str, protocol: str, milvus_uri: str, collection: str, timeout_s: float,
+                 milvus_credentials: tuple[str | None, str | None, str | None]):
         self.triton_url, self.protocol, self.timeout_s = triton_url, protocol, timeout_s
-        self.milvus_uri, self.collection, self.index_type = milvus_uri, collection, index_type
+        self.milvus_uri, self.collection = milvus_uri, collection
         self.credentials = milvus_credentials
         self._searcher: Searcher | None = None
         self._lock = threading.Lock()
@@ -67,7 +67,7 @@ class Backend:
                 encoder = TritonEncoder(self.triton_url, self.protocol, timeout_s=self.timeout_s)
                 encoder.check_ready(["query_encoder"])
                 client = store.connect(self.milvus_uri, *self.credentials, timeout_s=self.timeout_s)
-                self._searcher = Searcher(encoder, client, self.collection, self.index_type)
+                self._searcher = Searcher(encoder, client, self.collection)
             return self._searcher
 
     def reset(self) -> None:
@@ -213,8 +213,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the page)")
     p.add_argument("--port", type=int, default=8080, help="port of the page and API")
     p.add_argument("--catalog", default=DEFAULT_CATALOG, help="catalog the product photos are served from")
-    p.add_argument("--index-type", choices=list(store.INDEX_PARAMS), default="AUTOINDEX",
-                   help="index type the collection was built with (sets the search parameters)")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds before a Triton or Milvus call gives up")
     p.add_argument("--max-upload-mb", type=int, default=MAX_UPLOAD_BYTES // (1024 * 1024),
                    help="largest photo accepted for image search")
@@ -231,8 +229,8 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     images = CatalogImages(args.catalog, ColumnMap.from_args(args))
     logger.info("catalog images: %d products (%.1fs)", len(images.refs), time.perf_counter() - started)
-    backend = Backend(args.triton_url, args.protocol, args.milvus_uri, args.collection, args.index_type,
-                      args.timeout, (args.token, args.user, args.password))
+    backend = Backend(args.triton_url, args.protocol, args.milvus_uri, args.collection, args.timeout,
+                      (args.token, args.user, args.password))
     print(f"search page: http://{args.host}:{args.port}/  (API docs: http://{args.host}:{args.port}/docs)",
           flush=True)
     uvicorn.run(create_app(backend, images, args.max_upload_mb * 1024 * 1024), host=args.host, port=args.port,

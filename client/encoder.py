@@ -24,8 +24,21 @@ class EncoderUnavailable(RuntimeError):
     """Triton cannot be reached, or a model is not ready."""
 
 
+class EncoderFault(EncoderUnavailable):
+    """Triton answered with a failure of its own (a crashed model stub, an ONNX Runtime error).
+
+    Not the input's fault: callers retry it like an outage and then stop loudly, never treat the
+    product as a bad image (that would silently re-embed a whole catalog text-only).
+    """
+
+
 class EncodingError(ValueError):
-    """Triton refused one request (bad image, empty query...): the message says why."""
+    """Triton refused one request as invalid input (bad image, empty query...): the message says why."""
+
+
+# How Triton says "the caller's input is invalid" (TRITONSERVER_ERROR_INVALID_ARG) on each protocol;
+# the Python models answer bad input with TritonError.INVALID_ARG. Every other status is a server fault.
+INVALID_INPUT_STATUS = {"grpc": ("StatusCode.INVALID_ARGUMENT",), "http": ("400",)}
 
 
 def _protocol_module(protocol: str):
@@ -100,9 +113,14 @@ class TritonEncoder:
         except self.module.InferenceServerException as exc:
             message = exc.message() if callable(getattr(exc, "message", None)) else str(exc)
             status = str(exc.status() or "")
+            if status in INVALID_INPUT_STATUS[self.protocol]:
+                raise EncodingError(message) from None
             if any(s in status for s in ("UNAVAILABLE", "DEADLINE", "503")) or "connect" in message.lower():
                 raise self._unavailable(f"Triton failed ({message})") from None
-            raise EncodingError(message) from None
+            raise EncoderFault(
+                f"Triton's {model} failed on the server ({status or 'no status'}: {message}). This is not the "
+                "input's fault: read the Triton log (runs/triton.log with `python -m export.serve`), fix or "
+                "re-export the model repository, restart Triton and run again.") from None
         except Exception as exc:  # connection refused, reset, timeout
             raise self._unavailable(f"Triton request failed ({type(exc).__name__}: {exc})") from None
         return result.as_numpy(OUTPUT)

@@ -142,7 +142,7 @@ class Indexer:
             return kept, vectors, missing + text_only, failed
 
         batches = [rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
-        bar = tqdm(total=len(rows), desc="index", unit="product", mininterval=1)
+        bar = tqdm(total=len(rows), desc="index", unit="product", mininterval=1, disable=None)  # a bar on a TTY only
         pending: set[Future] = set()
         buffer: list[dict] = []
         with ThreadPoolExecutor(self.concurrency) as pool:

@@ -49,9 +49,8 @@ class SearchResult:
 class Searcher:
     """Embeds through Triton, searches Milvus; refuses a collection of another dimension."""
 
-    def __init__(self, encoder: TritonEncoder, client, collection: str = store.COLLECTION,
-                 index_type: str = "AUTOINDEX"):
-        self.encoder, self.client, self.collection, self.index_type = encoder, client, collection, index_type
+    def __init__(self, encoder: TritonEncoder, client, collection: str = store.COLLECTION):
+        self.encoder, self.client, self.collection = encoder, client, collection
         dim = store.collection_dim(client, collection)
         if dim is None:
             raise store.StoreError(f"no collection {collection!r}: index a catalog first "
@@ -62,7 +61,8 @@ class Searcher:
                 "ones: it was indexed with another model. Re-index (python client/index.py --recreate).")
         # Loading the collection into memory is a one-off cost of a process (about a second at
         # 44k products with Milvus Lite); done here, it is not charged to the first search.
-        self.metric = store.collection_metric(client, collection)
+        self.index = store.collection_index(client, collection)  # (index type, metric)
+        self.metric = self.index[1]
         started = time.perf_counter()
         client.load_collection(collection)
         self.load_ms = (time.perf_counter() - started) * 1e3
@@ -77,7 +77,7 @@ class Searcher:
         else:
             raise EncodingError("nothing to search: give a query text or an image")
         embedded = time.perf_counter()
-        hits = store.search(self.client, [vector], k, self.collection, expression, self.index_type, self.metric)[0]
+        hits = store.search(self.client, [vector], k, self.collection, expression, self.index)[0]
         done = time.perf_counter()
         return SearchResult(text or "<image>", hits, (embedded - started) * 1e3, (done - embedded) * 1e3)
 
@@ -137,8 +137,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-price", type=float, help="lowest price (products without a price are stored as -1)")
     p.add_argument("--max-price", type=float, help="highest price")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--index-type", choices=list(store.INDEX_PARAMS), default="AUTOINDEX",
-                   help="index type the collection was built with (sets the search parameters)")
     add_connection_args(p)
     return p.parse_args(argv)
 
@@ -157,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         encoder = TritonEncoder(args.triton_url, args.protocol)
         encoder.check_ready(["query_encoder"] + (["image_encoder"] if image else []))
         client = store.connect(args.milvus_uri, args.token, args.user, args.password)
-        searcher = Searcher(encoder, client, args.collection, args.index_type)
+        searcher = Searcher(encoder, client, args.collection)
         result = searcher.search(args.query, image, args.top_k, build_filter(args))
     except FileNotFoundError as exc:
         print(f"error: no such image file: {exc.filename}", file=sys.stderr)

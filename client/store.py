@@ -34,6 +34,15 @@ INDEX_PARAMS = {"AUTOINDEX": {}, "FLAT": {}, "IVF_FLAT": {"nlist": 256}, "HNSW":
 SEARCH_PARAMS = {"AUTOINDEX": {}, "FLAT": {}, "IVF_FLAT": {"nprobe": 32}, "HNSW": {"ef": 64}}
 
 
+def search_params(index_type: str, k: int) -> dict:
+    """Search parameters for an index type and a top-k: HNSW's `ef` is never below k (its candidate
+    list; a smaller one cuts top-k recall, as measured on the server: R@100 0.893 -> 0.837)."""
+    params = dict(SEARCH_PARAMS.get(index_type, {}))
+    if "ef" in params:
+        params["ef"] = max(params["ef"], k)
+    return params
+
+
 class StoreError(RuntimeError):
     """The collection is missing, of another dimension, or Milvus is unreachable."""
 
@@ -72,9 +81,16 @@ def collection_dim(client, collection: str = COLLECTION) -> int | None:
     raise StoreError(f"collection {collection!r} has no vector field {VECTOR!r}: not made by client/index.py")
 
 
+def collection_index(client, collection: str = COLLECTION) -> tuple[str, str]:
+    """(index type, metric) of the collection's vector index: what every search must use, read from
+    the collection so that no user can mistype them."""
+    info = client.describe_index(collection, VECTOR)
+    return str(info.get("index_type") or "AUTOINDEX"), info["metric_type"]
+
+
 def collection_metric(client, collection: str = COLLECTION) -> str:
     """The metric the collection's vector index was built with: what every search must use."""
-    return client.describe_index(collection, VECTOR)["metric_type"]
+    return collection_index(client, collection)[1]
 
 
 def ensure_collection(client, dim: int, collection: str = COLLECTION, index_type: str = "AUTOINDEX",
@@ -178,16 +194,17 @@ def render_filter(template: str, params: Mapping[str, object]) -> str:
 
 
 def search(client, vectors: Sequence[Sequence[float]], k: int = 10, collection: str = COLLECTION,
-           expression: str = "", index_type: str = "AUTOINDEX", metric: str | None = None) -> list[list[Hit]]:
+           expression: str = "", index: tuple[str, str] | None = None) -> list[list[Hit]]:
     """Top-k products per query vector, best first, with their scalar fields.
 
-    `metric` defaults to the collection's own (one describe call; pass it to save that call).
+    `index` (index type, metric) defaults to the collection's own (one describe call; pass
+    `collection_index(...)` to save that call).
     """
     if not client.has_collection(collection):
         raise StoreError(f"no collection {collection!r}: index a catalog first "
                          "(python client/index.py --catalog PATH)")
-    params = {"metric_type": metric or collection_metric(client, collection),
-              "params": SEARCH_PARAMS.get(index_type, {})}
+    index_type, metric = index or collection_index(client, collection)
+    params = {"metric_type": metric, "params": search_params(index_type, k)}
     results = client.search(collection, data=[list(map(float, v)) for v in vectors], anns_field=VECTOR,
                             limit=k, search_params=params, filter=expression, output_fields=OUTPUT_FIELDS)
     return [[Hit(str(h["id"]), float(h["distance"]), dict(h["entity"])) for h in hits] for hits in results]

@@ -25,7 +25,7 @@ def products(catalog_path):
 
 @pytest.fixture(scope="module")
 def backend(triton, milvus_path, indexed):
-    return Backend(triton.grpc_url, "grpc", milvus_path, "products", "AUTOINDEX", 5.0, (None, None, None))
+    return Backend(triton.grpc_url, "grpc", milvus_path, "products", 5.0, (None, None, None))
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_health_polls_reuse_their_connections(backend, api):
 def test_dependencies_down_answer_fast_with_a_status(milvus_path, catalog_path, tmp_path):
     from fastapi.testclient import TestClient
 
-    backend = Backend(f"127.0.0.1:{free_port()}", "grpc", str(tmp_path / "empty.db"), "products", "AUTOINDEX", 2.0,
+    backend = Backend(f"127.0.0.1:{free_port()}", "grpc", str(tmp_path / "empty.db"), "products", 2.0,
                       (None, None, None))
     client = TestClient(create_app(backend, CatalogImages(None, None)))
     started = time.monotonic()

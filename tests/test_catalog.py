@@ -99,3 +99,19 @@ def test_preprocessing_refuses_decompression_bombs_and_keeps_the_whole_photo():
     assert pixels.shape == (3, 32, 32)
     assert pixels[:, 16, 16].max() == pytest.approx(-1.0)  # the photo, centred
     assert pixels[:, 16, 0].min() == pytest.approx(1.0)  # white padding on the sides
+
+
+@pytest.mark.parametrize("broken_at", [2, 4])
+def test_a_csv_with_an_unterminated_quote_accounts_for_every_line(tmp_path, broken_at):
+    """`2,"Blue, unterminated,...` used to swallow every line after it into one field, silently."""
+    rows = [f'{i},Shirt {i},plain cotton,{i}.jpg' for i in range(1, 5)]
+    rows[broken_at - 1] = f'{broken_at},"Blue, unterminated,desc,y.jpg'
+    multi_line = '5,Shirt 5,"a description\nover two lines",5.jpg'
+    path = tmp_path / "catalog.csv"
+    path.write_text("\n".join(["product_id,title,description,image_url", *rows, multi_line]) + "\n")
+    df, report = read_catalog(path)
+    assert report.rows == len(df) + len(report.malformed) == 5  # every record is a product or reported
+    assert [line for line, _ in report.malformed] == [broken_at + 1]  # the file's line number (header = 1)
+    assert "quot" in report.malformed[0][1]
+    assert sorted(df["product_id"]) == sorted({"1", "2", "3", "4", "5"} - {str(broken_at)})
+    assert df.loc[df["product_id"] == "5", "description"].item() == "a description\nover two lines"

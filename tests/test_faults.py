@@ -12,10 +12,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper
 
 from client import store
-from client.encoder import EncoderUnavailable, TritonEncoder
+from client.encoder import EncoderFault, EncoderUnavailable, EncodingError, TritonEncoder
 from client.index import Indexer
 from export.serve import TritonServer, free_port
 from training.catalog import read_catalog
@@ -99,7 +101,7 @@ def test_milvus_lite_data_survives_a_hard_kill(tmp_path):
         writer.wait()
     client = store.connect(db)
     assert store.count(client, "products") == 300
-    hits = store.search(client, [np.eye(8, dtype=np.float32)[3]], k=1, collection="products", index_type="FLAT")
+    hits = store.search(client, [np.eye(8, dtype=np.float32)[3]], k=1, collection="products")
     assert hits[0][0].product_id in {f"p{i}" for i in range(3, 300, 8)}
     assert client.get("products", ids=["p299"], output_fields=["title"])[0]["title"] == "product 299"
     client.close()
@@ -137,5 +139,43 @@ def test_reloading_a_model_under_load_fails_no_query(tiny_repository, tmp_path):
         assert not errors, errors[:3]
         assert done[0] > 20
         assert admin.is_model_ready("query_encoder")
+    finally:
+        server.stop()
+
+
+def _failing_image_tower(path: Path) -> None:
+    """Replace an image tower with a graph that loads and serves, then fails every run (a broken model)."""
+    original = onnx.load(str(path), load_external_data=False)
+    pixels, embedding = original.graph.input[0], original.graph.output[0]
+    impossible = helper.make_tensor("shape", TensorProto.INT64, [2], [-1, 7_777_777])
+    graph = helper.make_graph([helper.make_node("Reshape", [pixels.name, "shape"], [embedding.name])],
+                              "failing_image_tower", [pixels], [embedding], [impossible])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = original.ir_version
+    onnx.save(model, str(path))
+
+
+def test_a_failing_model_stops_the_indexer_instead_of_indexing_text_only(tiny_repository, catalog_path, tmp_path):
+    """A server fault is not a bad image: the indexer retries, then stops loudly with what to do."""
+    import shutil
+
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repository, repo)
+    _failing_image_tower(repo / "image_tower" / "1" / "model.onnx")
+    server = _server(repo, tmp_path).start()
+    try:
+        client = store.connect(str(tmp_path / "fault.db"))
+        indexer = Indexer(server.grpc_url, "grpc", client, "products", batch_size=8, concurrency=1, retries=1,
+                          backoff_s=0.1, timeout_s=10)
+        with pytest.raises(EncoderFault, match="not the input's fault"):
+            indexer.run(str(catalog_path), limit=16)
+        assert not store.collection_dim(client, "products") or store.count(client, "products") == 0
+        photo = sorted((catalog_path.parent / "sample" / "images").glob("*.jpg"))[0].read_bytes()
+        for protocol, url in (("grpc", server.grpc_url), ("http", server.http_url)):
+            encoder = TritonEncoder(url, protocol)
+            with pytest.raises(EncodingError, match="bad image"):  # the caller's fault stays the caller's
+                encoder.embed_products(["a shirt"], ["blue"], [b"not an image"])
+            with pytest.raises(EncoderFault):
+                encoder.embed_products(["a shirt"], ["blue"], [photo])
     finally:
         server.stop()
