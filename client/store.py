@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import re
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -57,6 +58,13 @@ class Hit:
 def connect(uri: str = DEFAULT_URI, token: str | None = None, user: str | None = None,
             password: str | None = None, timeout_s: float = 10.0):
     """A MilvusClient. Credentials come from arguments or MILVUS_TOKEN / MILVUS_USER / MILVUS_PASSWORD."""
+    with warnings.catch_warnings():
+        # milvus_lite 2.5 imports pkg_resources, whose deprecation notice every command would print.
+        warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+        try:
+            import milvus_lite  # noqa: F401
+        except ImportError:  # a server-only install: nothing to quieten
+            pass
     from pymilvus import MilvusClient
 
     token = token or os.environ.get("MILVUS_TOKEN") or ""

@@ -18,6 +18,7 @@ import open_clip
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from .config import ModelCfg
 from .model import ProductSearchModel
@@ -59,9 +60,21 @@ def get_model_config(name_or_path: str | os.PathLike) -> ModelCfg:
 
 def _build_bert(source: str, load_weights: bool, attn_implementation: str | None) -> torch.nn.Module:
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    if load_weights:
-        return AutoModel.from_pretrained(source, add_pooling_layer=False, **kwargs)
-    return AutoModel.from_config(AutoConfig.from_pretrained(source), add_pooling_layer=False, **kwargs)
+    if not load_weights:
+        return AutoModel.from_config(AutoConfig.from_pretrained(source), add_pooling_layer=False, **kwargs)
+    # transformers prints a table of the checkpoint's pooler weights (unused: the towers pool
+    # themselves) and a progress bar per load; one line of ours says what matters.
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModel.from_pretrained(source, add_pooling_layer=False, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    logger.info("text encoder: pretrained weights from %s (its pooler, if any, is unused)", source)
+    return model
 
 
 def _build_clip(cfg: ModelCfg, load_weights: bool) -> torch.nn.Module | None:
