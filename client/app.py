@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import sys
 import threading
@@ -27,7 +28,7 @@ if str(ROOT) not in sys.path:  # `python client/app.py` from a checkout
     sys.path.insert(0, str(ROOT))
 
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile  # noqa: E402
-from fastapi.responses import FileResponse, JSONResponse, Response  # noqa: E402
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response  # noqa: E402
 
 from client import store  # noqa: E402
 from client.encoder import EncoderUnavailable, EncodingError, TritonEncoder  # noqa: E402
@@ -49,30 +50,68 @@ class ApiError(Exception):
 
 class Backend:
     """Triton + Milvus connections, made lazily and remade after a failure, so the page starts (and says
-    what is down) even when a dependency is."""
+    what is down) even when a dependency is.
+
+    Each request thread gets its own Triton client (tritonclient's HTTP client is not thread-safe);
+    the Milvus client is shared. Locks guard only the swapping of references, never a network call,
+    so during an outage requests fail fast side by side instead of queueing behind one another.
+    """
 
     def __init__(self, triton_url: str, protocol: str, milvus_uri: str, collection: str, timeout_s: float,
                  milvus_credentials: tuple[str | None, str | None, str | None]):
         self.triton_url, self.protocol, self.timeout_s = triton_url, protocol, timeout_s
         self.milvus_uri, self.collection = milvus_uri, collection
         self.credentials = milvus_credentials
-        self._searcher: Searcher | None = None
         self._lock = threading.Lock()
+        self._generation = 0  # bumped by reset(): thread-local clients of older generations are remade
+        self._milvus = None
+        self._local = threading.local()
+        self._health_lock = threading.Lock()
         self._health_encoder: TritonEncoder | None = None
         self._health_milvus = None
 
-    def searcher(self) -> Searcher:
+    def _milvus_client(self):
         with self._lock:
-            if self._searcher is None:
-                encoder = TritonEncoder(self.triton_url, self.protocol, timeout_s=self.timeout_s)
+            client = self._milvus
+        if client is None:
+            client = store.connect(self.milvus_uri, *self.credentials, timeout_s=self.timeout_s)
+            with self._lock:
+                if self._milvus is None:
+                    self._milvus = client
+                elif self._milvus is not client:
+                    client.close()
+                    client = self._milvus
+        return client
+
+    def searcher(self) -> Searcher:
+        local = self._local
+        if getattr(local, "searcher", None) is None or local.generation != self._generation:
+            if getattr(local, "searcher", None) is not None:
+                local.searcher.encoder.close()
+            local.searcher = None
+            encoder = TritonEncoder(self.triton_url, self.protocol, timeout_s=self.timeout_s)
+            try:
                 encoder.check_ready(["query_encoder"])
-                client = store.connect(self.milvus_uri, *self.credentials, timeout_s=self.timeout_s)
-                self._searcher = Searcher(encoder, client, self.collection)
-            return self._searcher
+                local.searcher = Searcher(encoder, self._milvus_client(), self.collection)
+            except BaseException:
+                encoder.close()
+                raise
+            local.generation = self._generation
+        return local.searcher
 
     def reset(self) -> None:
+        """Drop every connection after a failure: this thread's now, the other threads' on their next use."""
         with self._lock:
-            self._searcher = None
+            self._generation += 1
+            client, self._milvus = self._milvus, None
+        if getattr(self._local, "searcher", None) is not None:
+            self._local.searcher.encoder.close()
+            self._local.searcher = None
+        if client is not None:
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001  (closing a broken connection must not raise)
+                pass
 
     def search(self, text: str | None, image: bytes | None, k: int, expression: str) -> SearchResult:
         try:
@@ -85,7 +124,9 @@ class Backend:
         except store.StoreError as exc:
             self.reset()
             raise ApiError(503, f"Milvus: {exc}") from None
-        except Exception as exc:  # pymilvus raises its own types for timeouts and lost connections
+        except Exception as exc:  # pymilvus raises its own types for bad expressions, timeouts, lost connections
+            if expression and _is_filter_error(exc):
+                raise ApiError(400, f"Milvus refused the filter {expression!r}: {exc}") from None
             self.reset()
             logger.exception("search failed")
             raise ApiError(503, f"search backend failed: {type(exc).__name__}: {exc}") from None
@@ -93,23 +134,33 @@ class Backend:
     def health(self) -> dict:
         """What is up, through clients kept between polls (the page asks every 15 s) and remade after a failure."""
         timeout_s, out = min(self.timeout_s, 3.0), {}
+        with self._health_lock:
+            encoder, milvus = self._health_encoder, self._health_milvus
         try:
-            if self._health_encoder is None:
-                self._health_encoder = TritonEncoder(self.triton_url, self.protocol, timeout_s=timeout_s)
-            self._health_encoder.check_ready(["query_encoder"])
+            encoder = encoder or TritonEncoder(self.triton_url, self.protocol, timeout_s=timeout_s)
+            encoder.check_ready(["query_encoder"])
             out["triton"] = "ok"
         except Exception as exc:  # noqa: BLE001  (reported, not raised: this is the health page)
-            self._health_encoder = None
+            if encoder is not None:
+                encoder.close()
+            encoder = None
             out["triton"] = f"unhealthy: {exc}"
         try:
-            if self._health_milvus is None:
-                self._health_milvus = store.connect(self.milvus_uri, *self.credentials, timeout_s=timeout_s)
-            out["milvus"] = "ok" if store.collection_dim(self._health_milvus, self.collection) else \
+            milvus = milvus or store.connect(self.milvus_uri, *self.credentials, timeout_s=timeout_s)
+            out["milvus"] = "ok" if store.collection_dim(milvus, self.collection) else \
                 f"unhealthy: no collection {self.collection!r} (index a catalog first)"
         except Exception as exc:  # noqa: BLE001
-            self._health_milvus = None
+            milvus = None
             out["milvus"] = f"unhealthy: {exc}"
+        with self._health_lock:
+            self._health_encoder, self._health_milvus = encoder, milvus
         return out
+
+
+def _is_filter_error(exc: Exception) -> bool:
+    """A Milvus refusal of the expression itself (the user's filter), not a server fault."""
+    text = str(exc).lower()
+    return any(s in text for s in ("expr", "parse", "plan", "invalid parameter", "cannot be cast"))
 
 
 class CatalogImages:
@@ -122,6 +173,11 @@ class CatalogImages:
             df, _ = read_catalog(catalog, columns)
             self.refs = {str(i): ref for i, ref in zip(df["product_id"], df["image"]) if has_image_ref(ref)}
             self.fetch = ImageFetcher(base_dir=df.attrs.get("base_dir"))
+
+    def remote_url(self, product_id: str) -> str | None:
+        """The photo's http(s) URL when the catalog names one: the browser fetches it, not a request thread."""
+        ref = self.refs.get(product_id)
+        return ref if isinstance(ref, str) and ref.startswith(("http://", "https://")) else None
 
     def get(self, product_id: str) -> bytes | None:
         ref = self.refs.get(product_id)
@@ -146,9 +202,58 @@ def _filters(**values) -> str:
         raise ApiError(400, str(exc)) from None
 
 
+class _TooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes gets a 413 before it is spooled anywhere, by its
+    Content-Length when it declares one, else as soon as the streamed bytes pass the limit."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def _refuse(self, send) -> None:
+        body = json.dumps({"error": f"request too large: the limit is {self.limit // (1024 * 1024)} MB"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(send)
+        received, started = 0, False
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise _TooLarge
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await self._refuse(send)
+
+
 def create_app(backend: Backend, images: CatalogImages, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
     app = FastAPI(title="mmsearch", description="Multimodal product search: text or photo to products.",
                   version="0.1.0")
+    # Multipart framing and form fields come on top of the photo itself.
+    app.add_middleware(BodyLimit, limit=max_upload_bytes + 64 * 1024)
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -194,6 +299,9 @@ def create_app(backend: Backend, images: CatalogImages, max_upload_bytes: int = 
 
     @app.get("/images/{product_id}", summary="A product's photo, from the catalog")
     def image(product_id: str, request: Request) -> Response:
+        url = images.remote_url(product_id)
+        if url is not None:
+            return RedirectResponse(url, status_code=307)
         data = images.get(product_id)
         if data is None:
             return JSONResponse({"error": f"no image for product {product_id!r}"}, status_code=404)

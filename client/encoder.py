@@ -57,6 +57,8 @@ class TritonEncoder:
         self.module = _protocol_module(protocol)
         kwargs = {"network_timeout": timeout_s} if protocol == "http" else {}
         self.client = self.module.InferenceServerClient(url, **kwargs)
+        # Every gRPC call carries a deadline (HTTP's is the connection's network_timeout above).
+        self._deadline = {"client_timeout": timeout_s} if protocol == "grpc" else {}
         self._metadata: dict[str, dict] = {}
 
     def _unavailable(self, what: str) -> EncoderUnavailable:
@@ -67,19 +69,24 @@ class TritonEncoder:
 
     def check_ready(self, models: Sequence[str] = (QUERY_ENCODER,)) -> None:
         try:
-            live = self.client.is_server_live()
+            live = self.client.is_server_live(**self._deadline)
         except Exception as exc:
             raise self._unavailable(f"Triton is unreachable ({type(exc).__name__})") from None
         if not live:
             raise self._unavailable("Triton is not live")
         for model in models:
-            if not self.client.is_model_ready(model):
+            try:
+                ready = self.client.is_model_ready(model, **self._deadline)
+            except Exception as exc:
+                raise self._unavailable(f"Triton did not answer for model {model!r} ({type(exc).__name__})") from None
+            if not ready:
                 raise self._unavailable(f"model {model!r} is not ready")
 
     def metadata(self, model: str) -> dict:
         if model not in self._metadata:
             try:
-                meta = self.client.get_model_metadata(model, **({"as_json": True} if self.protocol == "grpc" else {}))
+                extra = {"as_json": True, **self._deadline} if self.protocol == "grpc" else {}
+                meta = self.client.get_model_metadata(model, **extra)
             except Exception as exc:
                 raise self._unavailable(f"no metadata for model {model!r} ({exc})") from None
             self._metadata[model] = meta
@@ -108,8 +115,7 @@ class TritonEncoder:
             tensors.append(tensor)
         outputs = [self.module.InferRequestedOutput(OUTPUT)]
         try:
-            kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
-            result = self.client.infer(model, tensors, outputs=outputs, **kwargs)
+            result = self.client.infer(model, tensors, outputs=outputs, **self._deadline)
         except self.module.InferenceServerException as exc:
             message = exc.message() if callable(getattr(exc, "message", None)) else str(exc)
             status = str(exc.status() or "")
@@ -124,6 +130,12 @@ class TritonEncoder:
         except Exception as exc:  # connection refused, reset, timeout
             raise self._unavailable(f"Triton request failed ({type(exc).__name__}: {exc})") from None
         return result.as_numpy(OUTPUT)
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        except Exception:  # noqa: BLE001  (closing a broken connection must not raise)
+            pass
 
     def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
         if any(not t or not t.strip() for t in texts):

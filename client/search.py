@@ -77,7 +77,8 @@ class Searcher:
         else:
             raise EncodingError("nothing to search: give a query text or an image")
         embedded = time.perf_counter()
-        hits = store.search(self.client, [vector], k, self.collection, expression, self.index)[0]
+        hits = store.search(self.client, [vector], k, self.collection, expression, self.index,
+                            timeout_s=self.encoder.timeout_s)[0]
         done = time.perf_counter()
         return SearchResult(text or "<image>", hits, (embedded - started) * 1e3, (done - embedded) * 1e3)
 

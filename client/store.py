@@ -202,7 +202,8 @@ def render_filter(template: str, params: Mapping[str, object]) -> str:
 
 
 def search(client, vectors: Sequence[Sequence[float]], k: int = 10, collection: str = COLLECTION,
-           expression: str = "", index: tuple[str, str] | None = None) -> list[list[Hit]]:
+           expression: str = "", index: tuple[str, str] | None = None,
+           timeout_s: float | None = None) -> list[list[Hit]]:
     """Top-k products per query vector, best first, with their scalar fields.
 
     `index` (index type, metric) defaults to the collection's own (one describe call; pass
@@ -214,5 +215,6 @@ def search(client, vectors: Sequence[Sequence[float]], k: int = 10, collection: 
     index_type, metric = index or collection_index(client, collection)
     params = {"metric_type": metric, "params": search_params(index_type, k)}
     results = client.search(collection, data=[list(map(float, v)) for v in vectors], anns_field=VECTOR,
-                            limit=k, search_params=params, filter=expression, output_fields=OUTPUT_FIELDS)
+                            limit=k, search_params=params, filter=expression, output_fields=OUTPUT_FIELDS,
+                            timeout=timeout_s)
     return [[Hit(str(h["id"]), float(h["distance"]), dict(h["entity"])) for h in hits] for hits in results]

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from client.app import Backend, CatalogImages, create_app
+from client.app import ApiError, Backend, CatalogImages, create_app
 from export.serve import free_port
 from tests.conftest import N_INDEXED
 from training.catalog import read_catalog
@@ -106,6 +106,69 @@ def test_dependencies_down_answer_fast_with_a_status(milvus_path, catalog_path, 
     assert "<form" in client.get("/").text  # the page itself still loads
 
 
+def test_an_oversized_body_is_refused_before_it_is_read(api):
+    def chunks():  # no Content-Length: the limit must hold as the bytes stream in
+        for _ in range(64):
+            yield b"\xff" * 65536
+
+    response = api.post("/api/search/image", content=chunks(),
+                        headers={"content-type": "multipart/form-data; boundary=x"})
+    assert response.status_code == 413 and "request too large" in response.json()["error"]
+
+
+def test_concurrent_requests_each_get_their_own_triton_client(triton, milvus_path, indexed, catalog_path, products):
+    """tritonclient's HTTP client is not thread-safe: one per request thread, all answers right."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+
+    backend = Backend(triton.http_url, "http", milvus_path, "products", 5.0, (None, None, None))
+    client = TestClient(create_app(backend, CatalogImages(None, None)))
+    titles = list(zip(products.title[:40], products.product_id[:40].astype(str)))
+
+    def ask(item):
+        title, pid = item
+        body = client.get("/api/search", params={"q": title, "k": 5}).json()
+        return pid in [h["product_id"] for h in body["hits"]]
+
+    with ThreadPoolExecutor(8) as pool:
+        found = list(pool.map(ask, titles * 2))
+    assert sum(found) >= 0.75 * len(found)
+
+
+def test_a_refused_filter_is_the_callers_fault_and_keeps_the_connections(backend, api):
+    api.get("/api/search", params={"q": "shirt", "k": 3})
+    milvus = backend._milvus
+    with pytest.raises(ApiError) as refused:
+        backend.search("shirt", None, 3, "price >>> 3")  # search.py --filter passes user text through
+    assert refused.value.status == 400 and "filter" in refused.value.message
+    assert backend._milvus is milvus  # not reset: nothing was wrong with Milvus
+
+
+def test_requests_during_an_outage_fail_side_by_side_not_in_a_queue(tmp_path):
+    """Triton accepts connections but never answers: every request waits out its own deadline, in parallel."""
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    try:
+        backend = Backend(f"127.0.0.1:{silent.getsockname()[1]}", "grpc", str(tmp_path / "m.db"), "products", 1.0,
+                          (None, None, None))
+        client = TestClient(create_app(backend, CatalogImages(None, None)))
+        started = time.monotonic()
+        with ThreadPoolExecutor(6) as pool:
+            statuses = list(pool.map(lambda _: client.get("/api/search", params={"q": "shirt"}).status_code,
+                                     range(6)))
+        assert statuses == [503] * 6
+        assert time.monotonic() - started < 4.5  # serialised behind one lock it took 6 deadlines or more
+    finally:
+        silent.close()
+
+
 @pytest.fixture(scope="module")
 def served_page(app):
     import uvicorn
@@ -114,7 +177,9 @@ def served_page(app):
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
+    deadline = time.monotonic() + 30
     while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start in 30 s"
         time.sleep(0.05)
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True

@@ -8,8 +8,8 @@ from export.__main__ import REPORT_FILE, choose_variant
 from export.graphs import graph_specs
 from export.parity import FP32_TOLERANCE
 from export.repository import ServingCfg, write_repository
-from export.variants import QUALITY_BOUND
 from export.validate import load_configs, validate_repository
+from export.variants import QUALITY_BOUND
 from training.factory import get_model_config
 
 

@@ -126,18 +126,26 @@ def test_reloading_a_model_under_load_fails_no_query(tiny_repository, tmp_path):
                 except Exception as exc:  # noqa: BLE001  (every failure is a test failure)
                     errors.append(exc)
 
+        def served_at_least(n: int) -> None:
+            deadline = time.monotonic() + 60
+            while done[0] < n and not errors:
+                assert time.monotonic() < deadline, f"only {done[0]} of {n} queries served in 60 s"
+                time.sleep(0.01)
+
+        loaded = "successfully loaded 'query_tower'"
+        loads_before = server.log_file.read_text().count(loaded)
         threads = [threading.Thread(target=load) for _ in range(4)]
         for t in threads:
             t.start()
-        time.sleep(1.0)
+        served_at_least(20)
         for model in ("query_tower", "query_encoder"):
             admin.load_model(model, headers={"admin-key": "s3cret"})  # reload in place
-        time.sleep(1.0)
+        served_at_least(done[0] + 20)  # and queries keep flowing after it
         stop.set()
         for t in threads:
             t.join()
         assert not errors, errors[:3]
-        assert done[0] > 20
+        assert server.log_file.read_text().count(loaded) == loads_before + 1  # the reload did happen
         assert admin.is_model_ready("query_encoder")
     finally:
         server.stop()

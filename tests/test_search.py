@@ -9,7 +9,7 @@ import pytest
 from client import store
 from client.encoder import TritonEncoder
 from client.index import Indexer
-from client.search import Searcher, build_filter, parse_args
+from client.search import Searcher, build_filter, filter_expression, parse_args
 from client.search import main as search_main
 from tests.conftest import N_INDEXED as N
 from training.catalog import read_catalog
@@ -65,9 +65,14 @@ def test_filters_are_honoured(searcher):
     assert all(h.fields["usage"] == "Formal" for h in searcher.search("watch", expression=build_filter(raw)).hits)
 
 
-def test_filter_values_cannot_inject_expression_syntax():
-    expression = store.render_filter("base_colour == {c}", {"c": 'Red" or price > 0 or base_colour == "'})
+def test_filter_values_cannot_inject_expression_syntax(searcher):
+    injection = 'Red" or price > 0 or base_colour == "'
+    expression = filter_expression({"colour": injection})
     assert expression == 'base_colour == "Red\\" or price > 0 or base_colour == \\""'
+    # Sent to Milvus, it is one odd colour that no product has, not a clause that matches every product.
+    assert searcher.search("shirt", k=10, expression=expression).hits == []
+    red = searcher.search("shirt", k=10, expression=filter_expression({"colour": "Red"})).hits
+    assert red and all(h.fields["base_colour"] == "Red" for h in red)
 
 
 def test_search_cli_prints_a_table_and_json(triton, milvus_path, indexed, products, capsys):

@@ -1,4 +1,10 @@
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +24,8 @@ from training.train import (
     parse_args,
     train,
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _cfg(tmp_path, **kw):
@@ -100,20 +108,42 @@ def test_photo_augmentation_keeps_colours():
     assert (out.amax(dim=(2, 3)) <= pixels.amax(dim=(2, 3)) + 1e-5).all()
 
 
-def test_an_interrupted_run_resumes_exactly(tmp_path, catalog_path):
+def test_a_killed_run_resumes_exactly(tmp_path, catalog_path):
+    """SIGKILL mid-run (no clean shutdown), then resume: the same steps, losses and weights as one whole run."""
     whole = train(_cfg(tmp_path, catalog=str(catalog_path), out=str(tmp_path / "whole")))
-    cut = _cfg(tmp_path, catalog=str(catalog_path), out=str(tmp_path / "cut"), max_steps=5)
-    train(cut)  # "killed" after step 5: the state on disk is that of step 5
-    state = torch.load(tmp_path / "cut" / "training_state.pt", weights_only=False)
-    assert state["step"] == 5
-    resumed = train(_cfg(tmp_path, catalog=str(catalog_path), out=str(tmp_path / "cut")))
+    cut = tmp_path / "cut"
+    args = ["--model", "test-tiny", "--catalog", str(catalog_path), "--limit", "240", "--batch-size", "16",
+            "--val-queries", "40", "--no-eval-at-start", "--warmup-steps", "2", "--save-every", "3",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(cut)]
+    run = subprocess.Popen([sys.executable, "-m", "training.train", *args], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True, cwd=REPO)
+    state_file, deadline = cut / "training_state.pt", time.monotonic() + 300
+    try:
+        while not (state_file.is_file() and _saved_step(state_file) >= 6):
+            assert run.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "no checkpoint at step 6 within 300 s"
+            time.sleep(0.1)
+    finally:
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait()
+    killed_at = _saved_step(state_file)
+    resumed = train(_cfg(tmp_path, catalog=str(catalog_path), out=str(cut), save_every=3))
     log_whole = [json.loads(x) for x in (whole / "train_log.jsonl").read_text().splitlines()]
     log_resumed = [json.loads(x) for x in (resumed / "train_log.jsonl").read_text().splitlines()]
-    assert len(log_whole) == len(log_resumed) > 6
-    assert log_resumed[5]["loss"] == pytest.approx(log_whole[5]["loss"], abs=1e-5)
+    assert 6 <= killed_at < len(log_whole)  # killed mid-run
+    assert [x["step"] for x in log_resumed] == [x["step"] for x in log_whole]  # nothing logged twice
+    for a, b in zip(log_whole, log_resumed):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-4), a["step"]
     a, b = load_file(str(whole / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-3)
+
+
+def _saved_step(state_file) -> int:
+    try:
+        return torch.load(state_file, weights_only=False)["step"]
+    except Exception:  # noqa: BLE001  (read while being replaced: try again)
+        return -1
 
 
 def test_cli_help_and_overrides(tmp_path, capsys):

@@ -394,8 +394,13 @@ def train(cfg: TrainCfg, columns: ColumnMap | None = None) -> Path:
         tmp.replace(state_file)
 
     out.mkdir(parents=True, exist_ok=True)
+    log_file = out / LOG_FILE
     if not resuming:
-        (out / LOG_FILE).unlink(missing_ok=True)
+        log_file.unlink(missing_ok=True)
+    elif log_file.is_file():  # a killed run logged steps past its last save: they are redone now
+        kept = [line for line in log_file.read_text().splitlines(keepends=True)
+                if line.strip() and json.loads(line)["step"] <= step]
+        log_file.write_text("".join(kept))
     # A bar on a terminal; piped into a log, one line every LOG_EVERY steps instead.
     bar = tqdm(total=total, initial=step, desc="train", unit="step", mininterval=2, disable=None)
     started, first_step = time.time(), step
@@ -416,7 +421,7 @@ def train(cfg: TrainCfg, columns: ColumnMap | None = None) -> Path:
         model.clamp_logit_scale()
         step += 1
         train_seconds += time.perf_counter() - tick
-        with open(out / LOG_FILE, "a") as log:
+        with open(log_file, "a") as log:
             log.write(json.dumps({"step": step, **{k: round(v.item(), 6) for k, v in losses.items()},
                                   "lr": scheduler.get_last_lr()[0], "temperature": model.temperature}) + "\n")
         bar.update(1)
