@@ -23,9 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.catalog import DEFAULT_CATALOG  # noqa: E402
+from core.catalog import DEFAULT_CATALOG  # noqa: E402
+from core.queries import QuerySet  # noqa: E402
 from training.evaluate import evaluate  # noqa: E402
-from training.queries import QuerySet  # noqa: E402
 from training.train import TrainCfg, train  # noqa: E402
 
 MODELS = ("mm3-concat", "text-only", "mm3-mlp", "mm4-concat", "mm3-alpha", "mm4-alpha", "mm4-mlp")

@@ -29,8 +29,8 @@ from tqdm import tqdm  # noqa: E402
 from client import store  # noqa: E402
 from client.encoder import TritonEncoder  # noqa: E402
 from client.search import Searcher  # noqa: E402
+from core.queries import DEFAULT_EVAL_SET, QuerySet  # noqa: E402
 from export.serve import TritonServer, free_port  # noqa: E402
-from training.queries import DEFAULT_EVAL_SET, QuerySet  # noqa: E402
 
 logger = logging.getLogger("bench.milvus")
 RESULTS = ROOT / "bench" / "results"

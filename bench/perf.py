@@ -26,9 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from core.catalog import DEFAULT_CATALOG, ImageFetcher, read_catalog  # noqa: E402
+from core.queries import DEFAULT_EVAL_SET, QuerySet  # noqa: E402
 from export.serve import TritonServer, free_port  # noqa: E402
-from training.catalog import DEFAULT_CATALOG, ImageFetcher, read_catalog  # noqa: E402
-from training.queries import DEFAULT_EVAL_SET, QuerySet  # noqa: E402
 
 logger = logging.getLogger("bench.perf")
 RESULTS = ROOT / "bench" / "results"

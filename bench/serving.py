@@ -31,23 +31,20 @@ import torch  # noqa: E402
 from bench.perf import locate_perf_analyzer, run_sweep, write_query_data  # noqa: E402
 from client.encoder import TritonEncoder  # noqa: E402
 from client.index import text_length  # noqa: E402
+from core.catalog import DEFAULT_CATALOG, ImageFetcher, read_catalog  # noqa: E402
+from core.metrics import percentiles  # noqa: E402
+from core.preprocess import image_to_pixels, product_text  # noqa: E402
+from core.queries import DEFAULT_EVAL_SET, QuerySet  # noqa: E402
+from export.graphs import graphs_dir_for  # noqa: E402
 from export.pipeline import OnnxPipeline  # noqa: E402
 from export.serve import TritonServer, free_port  # noqa: E402
-from training.catalog import DEFAULT_CATALOG, ImageFetcher, read_catalog  # noqa: E402
 from training.encode import embed_queries  # noqa: E402
 from training.factory import create_model, create_tokenizer, load_checkpoint_config  # noqa: E402
-from training.preprocess import image_to_pixels, product_text  # noqa: E402
-from training.queries import DEFAULT_EVAL_SET, QuerySet  # noqa: E402
 
 logger = logging.getLogger("bench.serving")
 RESULTS = ROOT / "bench" / "results"
 PERF = "perf_analyzer ->"  # rows measured with perf_analyzer instead of client/encoder.py
 PERF_CONCURRENCY = [1, 4, 8, 16]
-
-
-def percentiles(samples_ms: list[float]) -> dict[str, float]:
-    a = np.asarray(samples_ms)
-    return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)), "n": len(a)}
 
 
 def time_each(fn: Callable, items: list, warmup: int = 5) -> dict[str, float]:
@@ -183,7 +180,7 @@ def run(args: argparse.Namespace) -> dict:
               "query_latency": {}, "query_throughput": {}, "product_throughput": {}}
 
     eager = TorchEager(checkpoint)
-    pipelines = {v: OnnxPipeline(checkpoint, checkpoint / "onnx" / v) for v in args.variants.split(",")}
+    pipelines = {v: OnnxPipeline(checkpoint, graphs_dir_for(checkpoint) / v) for v in args.variants.split(",")}
     query_fns = {"pytorch eager": one_query(eager.queries)}
     query_fns.update({f"onnxruntime {v}": one_query(p.embed_queries) for v, p in pipelines.items()})
 

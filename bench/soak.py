@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.perf import locate_perf_analyzer, run_sweep, write_input_data  # noqa: E402
+from core.catalog import DEFAULT_CATALOG  # noqa: E402
 from export.serve import TritonServer, free_port  # noqa: E402
-from training.catalog import DEFAULT_CATALOG  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 

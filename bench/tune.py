@@ -22,10 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.perf import locate_perf_analyzer, run_sweep, write_input_data  # noqa: E402
-from export.graphs import graph_specs  # noqa: E402
+from core.catalog import DEFAULT_CATALOG  # noqa: E402
+from export.graphs import graph_specs, graphs_dir_for  # noqa: E402
 from export.repository import ServingCfg, write_repository  # noqa: E402
 from export.serve import TritonServer, free_port  # noqa: E402
-from training.catalog import DEFAULT_CATALOG  # noqa: E402
 from training.factory import get_model_config, load_checkpoint_config  # noqa: E402
 
 logger = logging.getLogger("bench.tune")
@@ -60,7 +60,7 @@ def measure(checkpoint: Path, variant: str, settings: dict, model: str, input_da
     specs = graph_specs(get_model_config(checkpoint), image["image_size"] if image else None)
     serving = ServingCfg(**settings)
     repo = tmp / f"repo_{abs(hash(json.dumps(settings, sort_keys=True)))}"
-    write_repository(repo, checkpoint, specs, checkpoint / "onnx" / variant, "python", serving)
+    write_repository(repo, checkpoint, specs, graphs_dir_for(checkpoint) / variant, "python", serving)
     server = TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
                           log_file=tmp / "tune_triton.log").start()
     try:

@@ -7,6 +7,7 @@ API (OpenAPI schema at /docs and /openapi.json):
     POST /api/search/image   (multipart: file, plus the same filters as form fields)
     GET  /api/health         which dependency is unhealthy, answered within the timeouts
     GET  /images/{id}        the product's photo from the catalog (bytes, path or URL), cacheable
+    GET  /metrics            Prometheus: latency per stage, errors by class, the served model's fingerprint
 Errors are JSON {"error": "..."}: 400 bad input, 413 upload too large, 503 Triton or Milvus down.
 No torch: tritonclient, pymilvus, fastapi.
 """
@@ -28,13 +29,18 @@ if str(ROOT) not in sys.path:  # `python client/app.py` from a checkout
     sys.path.insert(0, str(ROOT))
 
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile  # noqa: E402
+from fastapi.exception_handlers import request_validation_exception_handler  # noqa: E402
+from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response  # noqa: E402
 
 from client import store  # noqa: E402
 from client.encoder import EncoderUnavailable, EncodingError, TritonEncoder  # noqa: E402
 from client.index import add_connection_args  # noqa: E402
+from client.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE  # noqa: E402
+from client.metrics import Metrics  # noqa: E402
 from client.search import Searcher, SearchResult, filter_expression  # noqa: E402
-from training.catalog import DEFAULT_CATALOG, ColumnMap, ImageFetcher, has_image_ref, read_catalog  # noqa: E402
+from core.catalog import DEFAULT_CATALOG, ColumnMap, ImageFetcher, has_image_ref, read_catalog  # noqa: E402
+from core.specs import QUERY_ENCODER  # noqa: E402
 
 logger = logging.getLogger("client.app")
 PAGE = Path(__file__).parent / "static" / "index.html"
@@ -43,9 +49,9 @@ IMAGE_TYPES = {b"\xff\xd8": "image/jpeg", b"\x89P": "image/png", b"RI": "image/w
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, error_class: str = "bad_input"):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.error_class = status, message, error_class
 
 
 class Backend:
@@ -91,7 +97,7 @@ class Backend:
             local.searcher = None
             encoder = TritonEncoder(self.triton_url, self.protocol, timeout_s=self.timeout_s)
             try:
-                encoder.check_ready(["query_encoder"])
+                encoder.check_ready([QUERY_ENCODER])
                 local.searcher = Searcher(encoder, self._milvus_client(), self.collection)
             except BaseException:
                 encoder.close()
@@ -120,16 +126,21 @@ class Backend:
             raise ApiError(400, str(exc)) from None
         except EncoderUnavailable as exc:
             self.reset()
-            raise ApiError(503, f"Triton is unavailable: {exc}") from None
+            raise ApiError(503, f"Triton is unavailable: {exc}", "triton") from None
         except store.StoreError as exc:
             self.reset()
-            raise ApiError(503, f"Milvus: {exc}") from None
+            raise ApiError(503, f"Milvus: {exc}", "milvus") from None
         except Exception as exc:  # pymilvus raises its own types for bad expressions, timeouts, lost connections
             if expression and _is_filter_error(exc):
                 raise ApiError(400, f"Milvus refused the filter {expression!r}: {exc}") from None
             self.reset()
             logger.exception("search failed")
-            raise ApiError(503, f"search backend failed: {type(exc).__name__}: {exc}") from None
+            raise ApiError(503, f"search backend failed: {type(exc).__name__}: {exc}", "milvus") from None
+
+    def fingerprint(self) -> str:
+        """The served model's fingerprint, as this thread's Triton client last read it."""
+        searcher = getattr(self._local, "searcher", None)
+        return searcher.encoder.fingerprint if searcher is not None else "unknown"
 
     def health(self) -> dict:
         """What is up, through clients kept between polls (the page asks every 15 s) and remade after a failure."""
@@ -138,7 +149,7 @@ class Backend:
             encoder, milvus = self._health_encoder, self._health_milvus
         try:
             encoder = encoder or TritonEncoder(self.triton_url, self.protocol, timeout_s=timeout_s)
-            encoder.check_ready(["query_encoder"])
+            encoder.check_ready([QUERY_ENCODER])
             out["triton"] = "ok"
         except Exception as exc:  # noqa: BLE001  (reported, not raised: this is the health page)
             if encoder is not None:
@@ -255,9 +266,28 @@ def create_app(backend: Backend, images: CatalogImages, max_upload_bytes: int = 
     # Multipart framing and form fields come on top of the photo itself.
     app.add_middleware(BodyLimit, limit=max_upload_bytes + 64 * 1024)
 
+    metrics = Metrics()
+
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        metrics.error(exc.error_class)
         return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+    def searched(kind: str, text: str | None, image_data: bytes | None, k: int, expression: str) -> SearchResult:
+        started = time.perf_counter()
+        result = backend.search(text, image_data, k, expression)
+        metrics.observe(kind, result.embed_ms / 1e3, result.search_ms / 1e3, time.perf_counter() - started)
+        metrics.served_model(backend.fingerprint())
+        return result
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        metrics.error("bad_input")
+        return await request_validation_exception_handler(request, exc)
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
@@ -279,7 +309,7 @@ def create_app(backend: Backend, images: CatalogImages, max_upload_bytes: int = 
             raise ApiError(400, "empty query: type some words to search for")
         expression = _filters(category=category, article_type=article_type, colour=colour, gender=gender,
                               usage=usage, min_price=min_price, max_price=max_price)
-        return _hits(backend.search(q, None, k, expression))
+        return _hits(searched("text", q, None, k, expression))
 
     @app.post("/api/search/image", summary="Search with a photo (JPEG, PNG or WebP)")
     def search_image(file: UploadFile = File(..., description="the photo"), k: int = Form(12, ge=1, le=100),
@@ -293,7 +323,7 @@ def create_app(backend: Backend, images: CatalogImages, max_upload_bytes: int = 
             raise ApiError(400, "empty upload: choose a photo")
         expression = _filters(category=category, colour=colour, gender=gender, min_price=min_price,
                               max_price=max_price)
-        result = backend.search(None, data, k, expression)
+        result = searched("image", None, data, k, expression)
         result.query = file.filename or "<image>"
         return _hits(result)
 

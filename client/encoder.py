@@ -1,8 +1,8 @@
 """Embeddings from the Triton ensembles (query_encoder, product_encoder, image_encoder).
 
 Only tritonclient and numpy: tokenization and image decoding happen inside Triton. The model and
-tensor names below are the repository's public interface (see model_repository/README.md); the
-embedding width is read from the server, never assumed.
+tensor names are the repository's public interface, from core.specs (see model_repository/README.md);
+the embedding width is read from the server, never assumed.
 """
 
 from __future__ import annotations
@@ -12,12 +12,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from core.specs import DESCRIPTION, EMBEDDING, IMAGE, IMAGE_ENCODER, PRODUCT_ENCODER, QUERY, QUERY_ENCODER, TITLE
+
 logger = logging.getLogger(__name__)
 
-QUERY_ENCODER = "query_encoder"
-PRODUCT_ENCODER = "product_encoder"
-IMAGE_ENCODER = "image_encoder"
-OUTPUT = "EMBEDDING"
+OUTPUT = EMBEDDING
 
 
 class EncoderUnavailable(RuntimeError):
@@ -101,8 +100,22 @@ class TritonEncoder:
         return int(output["shape"][-1])
 
     @property
+    def fingerprint(self) -> str:
+        """Which weights and graph variant Triton serves (export's "fingerprint" config parameter)."""
+        if "fingerprint" not in self._metadata:
+            try:
+                config = self.client.get_model_config(QUERY_ENCODER, **(
+                    {"as_json": True, **self._deadline} if self.protocol == "grpc" else {}))
+            except Exception as exc:
+                raise self._unavailable(f"no config for model {QUERY_ENCODER!r} ({exc})") from None
+            config = config.get("config", config)  # gRPC wraps it, HTTP does not
+            value = config.get("parameters", {}).get("fingerprint", {}).get("string_value", "")
+            self._metadata["fingerprint"] = value or "unknown"
+        return self._metadata["fingerprint"]
+
+    @property
     def multimodal(self) -> bool:
-        return "IMAGE" in self.input_names(PRODUCT_ENCODER)
+        return IMAGE in self.input_names(PRODUCT_ENCODER)
 
     def infer(self, model: str, inputs: dict[str, Sequence]) -> np.ndarray:
         tensors = []
@@ -140,14 +153,14 @@ class TritonEncoder:
     def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
         if any(not t or not t.strip() for t in texts):
             raise EncodingError("empty query: type some words to search for")
-        return self.infer(QUERY_ENCODER, {"QUERY": list(texts)})
+        return self.infer(QUERY_ENCODER, {QUERY: list(texts)})
 
     def embed_products(self, titles: Sequence[str], descriptions: Sequence[str],
                        images: Sequence[bytes | None] | None = None) -> np.ndarray:
         """Product embeddings; an image of None or b"" is a product without a photo."""
-        inputs = {"TITLE": list(titles), "DESCRIPTION": list(descriptions)}
+        inputs = {TITLE: list(titles), DESCRIPTION: list(descriptions)}
         if self.multimodal:
-            inputs["IMAGE"] = [img or b"" for img in (images if images is not None else [None] * len(titles))]
+            inputs[IMAGE] = [img or b"" for img in (images if images is not None else [None] * len(titles))]
         return self.infer(PRODUCT_ENCODER, inputs)
 
     def embed_images(self, images: Sequence[bytes]) -> np.ndarray:
@@ -155,4 +168,4 @@ class TritonEncoder:
             raise EncodingError("the served model is text-only: it has no image encoder")
         if any(not img for img in images):
             raise EncodingError("empty image")
-        return self.infer(IMAGE_ENCODER, {"IMAGE": list(images)})
+        return self.infer(IMAGE_ENCODER, {IMAGE: list(images)})

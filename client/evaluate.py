@@ -26,9 +26,10 @@ from tqdm import tqdm  # noqa: E402
 from client import store  # noqa: E402
 from client.encoder import EncoderUnavailable, EncodingError, TritonEncoder  # noqa: E402
 from client.index import add_connection_args  # noqa: E402
-from training.catalog import DEFAULT_CATALOG, CatalogError, ColumnMap, ImageFetcher, read_catalog  # noqa: E402
-from training.metrics import KS, format_table, retrieval_metrics, without_query_products  # noqa: E402
-from training.queries import DEFAULT_EVAL_SET, QuerySet  # noqa: E402
+from core.catalog import DEFAULT_CATALOG, CatalogError, ColumnMap, ImageFetcher, read_catalog  # noqa: E402
+from core.metrics import KS, format_table, retrieval_metrics, without_query_products  # noqa: E402
+from core.queries import DEFAULT_EVAL_SET, QuerySet  # noqa: E402
+from core.specs import QUERY_ENCODER  # noqa: E402
 
 logger = logging.getLogger("client.evaluate")
 
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         encoder = TritonEncoder(args.triton_url, args.protocol)
-        encoder.check_ready(["query_encoder"])
+        encoder.check_ready([QUERY_ENCODER])
         client = store.connect(args.milvus_uri, args.token, args.user, args.password)
         if store.collection_dim(client, args.collection) is None:
             raise store.StoreError(f"no collection {args.collection!r}: index a catalog first")

@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from client import store
 from client.encoder import EncoderUnavailable, EncodingError, TritonEncoder
-from training.catalog import DEFAULT_CATALOG, CatalogError, ColumnMap, ImageFetcher, has_image_ref, read_catalog
+from core.catalog import DEFAULT_CATALOG, CatalogError, ColumnMap, ImageFetcher, has_image_ref, read_catalog
+from core.specs import PRODUCT_ENCODER
 
 logger = logging.getLogger("client.index")
 
@@ -111,7 +112,7 @@ class Indexer:
         catalog_report.log()
         report.catalog_rows, report.malformed_rows = catalog_report.rows, len(catalog_report.malformed)
         encoder = self.encoder()
-        encoder.check_ready(["product_encoder"])
+        encoder.check_ready([PRODUCT_ENCODER])
         store.ensure_collection(self.client, encoder.embed_dim, self.collection, index_type, metric)
         rows = df.to_dict("records")
         if not reindex:

@@ -23,6 +23,7 @@ if __package__ in (None, ""):  # run as a script: python client/search.py
 from client import store
 from client.encoder import EncoderUnavailable, EncodingError, TritonEncoder
 from client.index import add_connection_args
+from core.specs import IMAGE_ENCODER, QUERY_ENCODER
 
 logger = logging.getLogger("client.search")
 
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         image = args.image.read_bytes() if args.image else None
         encoder = TritonEncoder(args.triton_url, args.protocol)
-        encoder.check_ready(["query_encoder"] + (["image_encoder"] if image else []))
+        encoder.check_ready([QUERY_ENCODER] + ([IMAGE_ENCODER] if image else []))
         client = store.connect(args.milvus_uri, args.token, args.user, args.password)
         searcher = Searcher(encoder, client, args.collection)
         result = searcher.search(args.query, image, args.top_k, build_filter(args))

@@ -13,10 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from training.catalog import DEFAULT_CATALOG, ColumnMap
+from core.catalog import DEFAULT_CATALOG, ColumnMap
 from training.factory import create_model, create_tokenizer, load_checkpoint_config
 
-from .graphs import export_graph, graph_specs
+from .graphs import GRAPHS_ROOT, export_graph, graph_specs, graphs_dir_for
 from .parity import Rows, graph_parity, pipeline_quality, torch_reference
 from .repository import BACKENDS, ServingCfg, write_repository
 from .variants import QUALITY_BOUND, VARIANTS, build_variant
@@ -57,26 +57,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--product-queue-delay-us", type=int, default=ServingCfg.product_queue_delay_us,
                    help="dynamic batching delay of the product and image path (throughput-bound)")
     p.add_argument("--force", action="store_true", help="re-export the ONNX graphs even if they are up to date")
+    p.add_argument("--graphs-dir", default=str(GRAPHS_ROOT),
+                   help="where the ONNX graphs go: <graphs-dir>/<checkpoint name>-<weights digest>/<variant>/")
     ColumnMap.add_arguments(p)
     return p.parse_args(argv)
 
 
 def export_onnx(checkpoint: Path, measure: list[str], catalog: str, parity_rows: int,
-                columns: ColumnMap | None = None, force: bool = False) -> tuple[dict, dict]:
-    """Export FP32 graphs, check parity, build and measure variants; returns (report, graph specs)."""
+                columns: ColumnMap | None = None, force: bool = False,
+                graphs_root: Path = GRAPHS_ROOT) -> tuple[dict, dict, Path]:
+    """Export FP32 graphs, check parity, build and measure variants; returns (report, graph specs, graphs dir)."""
     model = create_model(checkpoint, attn_implementation="eager").eval()
     tokenizer = create_tokenizer(checkpoint)
     config = load_checkpoint_config(checkpoint)
     image_cfg = config["preprocess_cfg"]["image"]
     specs = graph_specs(model.cfg, image_cfg["image_size"] if image_cfg else None)
-    graphs_dir = checkpoint / "onnx"
-    weights = checkpoint / "model.safetensors"
+    graphs_dir = graphs_dir_for(checkpoint, graphs_root)  # keyed by the weights' content
+    if force:
+        shutil.rmtree(graphs_dir, ignore_errors=True)
     for name, spec in specs.items():
         path = graphs_dir / "fp32" / f"{name}.onnx"
-        if force or not path.exists() or path.stat().st_mtime < weights.stat().st_mtime:
+        if not path.exists():
             export_graph(model, spec, path)
     rows = Rows.from_catalog(catalog, parity_rows, columns)
-    report = {"checkpoint": str(checkpoint), "embed_dim": model.cfg.embed_dim,
+    report = {"checkpoint": str(checkpoint), "graphs_dir": str(graphs_dir), "embed_dim": model.cfg.embed_dim,
               "graphs": {n: {"inputs": [vars(t) for t in s.inputs], "outputs": [vars(t) for t in s.outputs]}
                          for n, s in specs.items()},
               "parity_fp32": graph_parity(model, specs, graphs_dir / "fp32", checkpoint, rows, image_cfg),
@@ -94,7 +98,7 @@ def export_onnx(checkpoint: Path, measure: list[str], catalog: str, parity_rows:
         quality["meets_bound"] = all(quality.get(k, 0) >= v for k, v in QUALITY_BOUND.items())
         report["variants"][variant] = quality
         logger.info("variant %-9s %s", variant, json.dumps(quality))
-    return report, specs
+    return report, specs, graphs_dir
 
 
 def check_loadable(graphs_dir: Path) -> None:
@@ -128,8 +132,8 @@ def main(argv: list[str] | None = None) -> None:
         measure.append(variant)
     if variant == "auto" and "int8" not in measure:
         measure.append("int8")
-    report, specs = export_onnx(checkpoint, measure, args.catalog, args.parity_rows,
-                                ColumnMap.from_args(args), args.force)
+    report, specs, graphs_dir = export_onnx(checkpoint, measure, args.catalog, args.parity_rows,
+                                            ColumnMap.from_args(args), args.force, Path(args.graphs_dir))
     report["variant"] = choose_variant(variant, args.backend, report)
     report["backend"] = args.backend
     if not report["variants"].get(report["variant"], {}).get("meets_bound") and args.variant == "auto":
@@ -143,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     if previous.is_file():  # replace what an earlier export wrote, and only that
         for name in json.loads(previous.read_text()).get("models", []):
             shutil.rmtree(out / name, ignore_errors=True)
-    report["models"] = write_repository(out, checkpoint, specs, checkpoint / "onnx" / report["variant"],
+    report["models"] = write_repository(out, checkpoint, specs, graphs_dir / report["variant"],
                                         args.backend, serving)
     report["serving"] = {k: v for k, v in vars(serving).items() if k != "extra"}
     previous.write_text(json.dumps(report, indent=2) + "\n")

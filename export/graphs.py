@@ -1,39 +1,45 @@
 """The served graphs: each tower of a checkpoint as its own ONNX file, with named I/O.
 
-Tensor names chosen here are the names in every config.pbtxt and in the client, so they are
-defined once, as GraphSpec data, and everything else reads them from `graph_specs(cfg)`.
+The names and shapes come from core.specs (the one place every config.pbtxt, Triton model and
+client reads them from); this module turns the model's `encode_*` methods into those graphs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from core.specs import FUSION, IMAGE_QUERY_HEAD, IMAGE_TOWER, QUERY_TOWER, TEXT_TOWER, GraphSpec, TensorSpec
+from core.specs import graph_specs as core_graph_specs
 from training.config import ModelCfg
 from training.model import ProductSearchModel
 
 logger = logging.getLogger(__name__)
 
 OPSET = 17  # the legacy exporter's opset: ORT transformer fusion and TensorRT 8.6+/10 both take it
+GRAPHS_ROOT = Path("build") / "graphs"  # export's own output, never the checkpoint folder
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: str  # Triton dtype: TYPE_INT64, TYPE_FP32, ...
-    dims: tuple[int, ...]  # without the batch dimension; -1 = dynamic
+def weights_digest(checkpoint: Path | str) -> str:
+    """The first 12 hex digits of the checkpoint weights' SHA-256: what a set of graphs was made from."""
+    digest = hashlib.sha256()
+    with open(Path(checkpoint) / "model.safetensors", "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
 
 
-@dataclass(frozen=True)
-class GraphSpec:
-    name: str  # Triton model name and ONNX file stem
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    text: bool = False  # a BERT graph: transformer fusion applies, seq axis is dynamic
+def graphs_dir_for(checkpoint: Path | str, root: Path | str = GRAPHS_ROOT) -> Path:
+    """Where a checkpoint's graphs live: one folder per weights content (`<root>/<name>-<digest>/<variant>/`).
+
+    A retrained checkpoint gets a new folder, so no variant is ever rebuilt from, or mistaken for,
+    the graphs of older weights (file times cannot say that).
+    """
+    return Path(root) / f"{Path(checkpoint).resolve().name}-{weights_digest(checkpoint)}"
 
 
 class Tower(nn.Module):
@@ -59,32 +65,19 @@ class Fusion(nn.Module):
 
 
 WRAPPERS = {
-    "query_tower": lambda model: Tower(model, "encode_query"),
-    "text_tower": lambda model: Tower(model, "encode_product_text"),
-    "image_tower": lambda model: Tower(model, "encode_image"),
-    "fusion": Fusion,
-    "image_query_head": lambda model: Tower(model, "encode_image_query"),
+    QUERY_TOWER: lambda model: Tower(model, "encode_query"),
+    TEXT_TOWER: lambda model: Tower(model, "encode_product_text"),
+    IMAGE_TOWER: lambda model: Tower(model, "encode_image"),
+    FUSION: Fusion,
+    IMAGE_QUERY_HEAD: lambda model: Tower(model, "encode_image_query"),
 }
+
+__all__ = ["GRAPHS_ROOT", "GraphSpec", "TensorSpec", "export_graph", "graph_specs", "graphs_dir_for", "weights_digest"]
 
 
 def graph_specs(cfg: ModelCfg, image_size: int | None) -> dict[str, GraphSpec]:
-    """The graphs a model config exports, by name."""
-    ids = (TensorSpec("input_ids", "TYPE_INT64", (-1,)), TensorSpec("attention_mask", "TYPE_INT64", (-1,)))
-    dim, part = cfg.embed_dim, cfg.part_dim
-    specs = {
-        "query_tower": GraphSpec("query_tower", ids, (TensorSpec("query_embedding", "TYPE_FP32", (dim,)),), True),
-        "text_tower": GraphSpec("text_tower", ids, (TensorSpec("text_embedding", "TYPE_FP32", (part,)),), True),
-    }
-    if cfg.multimodal:
-        pixels = TensorSpec("pixel_values", "TYPE_FP32", (3, image_size, image_size))
-        image = TensorSpec("image_embedding", "TYPE_FP32", (part,))
-        mask = (TensorSpec("text_mask", "TYPE_FP32", (1,)), TensorSpec("image_mask", "TYPE_FP32", (1,)))
-        specs["image_tower"] = GraphSpec("image_tower", (pixels,), (image,))
-        specs["fusion"] = GraphSpec("fusion", (TensorSpec("text_embedding", "TYPE_FP32", (part,)), image, *mask),
-                                    (TensorSpec("product_embedding", "TYPE_FP32", (dim,)),))
-        specs["image_query_head"] = GraphSpec("image_query_head", (image,),
-                                              (TensorSpec("image_query_embedding", "TYPE_FP32", (dim,)),))
-    return specs
+    """The graphs a model config exports, by name (core.specs holds the names and shapes)."""
+    return core_graph_specs(cfg.embed_dim, cfg.part_dim, cfg.multimodal, image_size)
 
 
 def example_inputs(spec: GraphSpec, batch: int = 2, seq: int = 8) -> tuple[torch.Tensor, ...]:

@@ -9,12 +9,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.catalog import ImageFetcher, has_image_ref, read_catalog
+from core.catalog import ImageFetcher, has_image_ref, read_catalog
+from core.metrics import top_k_overlap
+from core.preprocess import ImageError, image_to_pixels, load_tokenizer, product_text, tokenize
+from core.queries import generate_queries
+from core.specs import FUSION, IMAGE_QUERY_HEAD, IMAGE_TOWER, QUERY_TOWER, TEXT_TOWER
 from training.encode import tokenize as torch_tokenize
 from training.factory import TOKENIZER_DIR
 from training.model import ProductSearchModel
-from training.preprocess import ImageError, image_to_pixels, load_tokenizer, product_text, tokenize
-from training.queries import generate_queries
 
 from .graphs import WRAPPERS, GraphSpec
 from .pipeline import OnnxPipeline, session
@@ -96,7 +98,7 @@ def graph_parity(model: ProductSearchModel, specs: dict[str, GraphSpec], graphs_
     texts = [product_text(t, d) for t, d in zip(rows.titles, rows.descriptions)]
     q_ids, q_mask = tokenize(load_tokenizer(tokenizer_json, model.cfg.text_cfg.query_max_length), rows.queries)
     p_ids, p_mask = tokenize(load_tokenizer(tokenizer_json, model.cfg.text_cfg.max_length), texts)
-    inputs = {"query_tower": (q_ids, q_mask), "text_tower": (p_ids, p_mask)}
+    inputs = {QUERY_TOWER: (q_ids, q_mask), TEXT_TOWER: (p_ids, p_mask)}
     if model.cfg.multimodal:
         pixels = np.stack([image_to_pixels(b, image_cfg) for b in rows.images if b])
         n = len(pixels)
@@ -105,8 +107,8 @@ def graph_parity(model: ProductSearchModel, specs: dict[str, GraphSpec], graphs_
         rng = np.random.default_rng(0)
         masks = rng.integers(0, 2, size=(2, n, 1)).astype(np.float32)
         masks[0, masks[1, :, 0] == 0] = 1.0  # never both missing
-        inputs.update({"image_tower": (pixels,), "fusion": (text, image, masks[0], masks[1]),
-                       "image_query_head": (image,)})
+        inputs.update({IMAGE_TOWER: (pixels,), FUSION: (text, image, masks[0], masks[1]),
+                       IMAGE_QUERY_HEAD: (image,)})
     report = {}
     for name, spec in specs.items():
         arrays = inputs[name]
@@ -121,13 +123,6 @@ def graph_parity(model: ProductSearchModel, specs: dict[str, GraphSpec], graphs_
     return report
 
 
-def top10_overlap(ref_q: np.ndarray, ref_p: np.ndarray, q: np.ndarray, p: np.ndarray) -> float:
-    k = min(10, len(ref_p))
-    a = np.argsort(-(ref_q @ ref_p.T), axis=1)[:, :k]
-    b = np.argsort(-(q @ p.T), axis=1)[:, :k]
-    return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(a, b)]))
-
-
 def pipeline_quality(reference: dict, checkpoint: Path, graphs_dir: Path, rows: Rows) -> dict[str, float]:
     """A variant's end-to-end embeddings (tokenizer to fusion) against PyTorch's."""
     pipe = OnnxPipeline(checkpoint, graphs_dir)
@@ -137,7 +132,7 @@ def pipeline_quality(reference: dict, checkpoint: Path, graphs_dir: Path, rows: 
     out = {"query_mean_cosine": q["mean_cosine"], "query_min_cosine": q["min_cosine"],
            "product_mean_cosine": p["mean_cosine"], "product_min_cosine": p["min_cosine"],
            "mean_cosine": min(q["mean_cosine"], p["mean_cosine"]),
-           "top10_overlap": top10_overlap(reference["queries"], reference["products"], queries, products)}
+           "top10_overlap": top_k_overlap(queries, products, reference["queries"], reference["products"])}
     if "images" in reference:
         images = pipe.embed_images([b for b in rows.images if b])
         out["image_mean_cosine"] = _compare(reference["images"], images)["mean_cosine"]

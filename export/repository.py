@@ -25,15 +25,46 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from training import preprocess as preprocess_module
+from core import preprocess as preprocess_module
+from core.specs import (
+    ATTENTION_MASK,
+    EMBEDDING,
+    FUSION,
+    IMAGE,
+    IMAGE_EMBEDDING,
+    IMAGE_ENCODER,
+    IMAGE_INPUT,
+    IMAGE_MASK,
+    IMAGE_MASK_SPEC,
+    IMAGE_PREPROCESS,
+    IMAGE_QUERY_EMBEDDING,
+    IMAGE_QUERY_HEAD,
+    IMAGE_TOWER,
+    INPUT_IDS,
+    PIXEL_VALUES,
+    PRODUCT_EMBEDDING,
+    PRODUCT_ENCODER,
+    PRODUCT_TEXT_INPUTS,
+    PRODUCT_TOKENIZER,
+    QUERY_EMBEDDING,
+    QUERY_ENCODER,
+    QUERY_IMAGE_PREPROCESS,
+    QUERY_INPUTS,
+    QUERY_TOKENIZER,
+    QUERY_TOWER,
+    TEXT_EMBEDDING,
+    TEXT_MASK,
+    TEXT_MASK_SPEC,
+    TEXT_TOWER,
+    GraphSpec,
+    TensorSpec,
+)
 
-from .graphs import GraphSpec, TensorSpec
+from .graphs import weights_digest
 
 TRITON_MODELS = Path(__file__).parent / "triton_models"
 BACKENDS = ("python", "onnxruntime", "tensorrt")
 ENGINES_FILE = "engines.json"  # tensorrt flavour: what docker/build_engines.py builds
-EMBEDDING = "EMBEDDING"  # every ensemble's output
-TEXT_MASK = TensorSpec("text_mask", "TYPE_FP32", (1,))  # product_tokenizer's: 0 = a product without text
 
 
 @dataclass
@@ -158,7 +189,7 @@ def _tower(repo: Path, spec: GraphSpec, graph: Path, backend: str, serving: Serv
         if front is not None:
             inputs, params, files = front.inputs, {**params, **front.params}, {**files, **front.files}
             if front.text_mask:
-                outputs.append(TEXT_MASK)
+                outputs.append(TEXT_MASK_SPEC)
         config = _config(spec.name, 'backend: "python"\n', inputs, outputs, serving, "KIND_CPU",
                          instances, delay_us, params)
     elif backend == "onnxruntime":
@@ -170,8 +201,14 @@ def _tower(repo: Path, spec: GraphSpec, graph: Path, backend: str, serving: Serv
     _write(repo, spec.name, config, files)
 
 
+def model_fingerprint(checkpoint: Path, graphs_dir: Path) -> str:
+    """Which weights and which graph variant a repository serves: the checkpoint's weights digest plus
+    the variant name. Every ensemble reports it (config parameter "fingerprint"); clients compare it."""
+    return f"{weights_digest(checkpoint)}-{graphs_dir.name}"
+
+
 def _ensemble(repo: Path, name: str, inputs, steps: list[tuple[str, dict, dict]], out_dim: int,
-              serving: ServingCfg) -> None:
+              serving: ServingCfg, params: dict[str, str] | None = None) -> None:
     text = f'name: "{name}"\nplatform: "ensemble"\nmax_batch_size: {serving.max_batch_size}\n'
     text += _io("input", inputs) + _io("output", [TensorSpec(EMBEDDING, "TYPE_FP32", (out_dim,))])
     text += "ensemble_scheduling {\n  step [\n"
@@ -182,7 +219,7 @@ def _ensemble(repo: Path, name: str, inputs, steps: list[tuple[str, dict, dict]]
         s += "".join(f'      output_map {{ key: "{k}" value: "{v}" }}\n' for k, v in output_map.items())
         rendered.append(s + "    }")
     text += ",\n".join(rendered) + "\n  ]\n}\n"
-    _write(repo, name, text)
+    _write(repo, name, text + _params(params or {}))
 
 
 def write_repository(repo: Path, checkpoint: Path, specs: dict[str, GraphSpec], graphs_dir: Path,
@@ -194,16 +231,15 @@ def write_repository(repo: Path, checkpoint: Path, specs: dict[str, GraphSpec], 
     config = json.loads((checkpoint / "config.json").read_text())
     pre, model_cfg = config["preprocess_cfg"], config["model_cfg"]
     dim = model_cfg["embed_dim"]
+    fingerprint = {"fingerprint": model_fingerprint(checkpoint, graphs_dir)}
     repo.mkdir(parents=True, exist_ok=True)
     tokenizer_json = checkpoint / pre["tokenizer_dir"] / "tokenizer.json"
     text_files = {"tokenizer.json": tokenizer_json, "preprocess.py": Path(preprocess_module.__file__)}
-    string = "TYPE_STRING"
-    query_inputs = [TensorSpec("QUERY", string, (1,))]
-    text_inputs = [TensorSpec("TITLE", string, (1,)), TensorSpec("DESCRIPTION", string, (1,))]
-    multimodal = "fusion" in specs
+    query_inputs, text_inputs = list(QUERY_INPUTS), list(PRODUCT_TEXT_INPUTS)
+    multimodal = FUSION in specs
     tokenizers = {  # name: (inputs, max_length)
-        "query_tokenizer": (query_inputs, pre["query_max_length"]),
-        "product_tokenizer": (text_inputs, pre["max_length"]),
+        QUERY_TOKENIZER: (query_inputs, pre["query_max_length"]),
+        PRODUCT_TOKENIZER: (text_inputs, pre["max_length"]),
     }
 
     def tokenizer_params(name: str) -> dict[str, str]:
@@ -215,75 +251,73 @@ def write_repository(repo: Path, checkpoint: Path, specs: dict[str, GraphSpec], 
     fronts = {}
     if fused:
         files = {**text_files, "text_inputs.py": TRITON_MODELS / "tokenizer.py"}
-        fronts = {"query_tower": TextFront(query_inputs, tokenizer_params("query_tokenizer"), files, False),
-                  "text_tower": TextFront(text_inputs, tokenizer_params("product_tokenizer"), files, multimodal)}
+        fronts = {QUERY_TOWER: TextFront(query_inputs, tokenizer_params(QUERY_TOKENIZER), files, False),
+                  TEXT_TOWER: TextFront(text_inputs, tokenizer_params(PRODUCT_TOKENIZER), files, multimodal)}
     else:
         for name, (inputs, max_length) in tokenizers.items():
-            outputs = [TensorSpec("input_ids", "TYPE_INT64", (max_length,)),
-                       TensorSpec("attention_mask", "TYPE_INT64", (max_length,))]
-            if name == "product_tokenizer":
-                outputs.append(TEXT_MASK)
-            delay = serving.query_queue_delay_us if name == "query_tokenizer" else serving.product_queue_delay_us
+            outputs = [TensorSpec(INPUT_IDS, "TYPE_INT64", (max_length,)),
+                       TensorSpec(ATTENTION_MASK, "TYPE_INT64", (max_length,))]
+            if name == PRODUCT_TOKENIZER:
+                outputs.append(TEXT_MASK_SPEC)
+            delay = serving.query_queue_delay_us if name == QUERY_TOKENIZER else serving.product_queue_delay_us
             _write(repo, name, _config(name, 'backend: "python"\n', inputs, outputs, serving, "KIND_CPU",
                                        serving.preprocess_instances, delay, tokenizer_params(name)),
                    {"model.py": TRITON_MODELS / "tokenizer.py", **text_files})
     for name, spec in specs.items():
-        delay = serving.query_queue_delay_us if name == "query_tower" else serving.product_queue_delay_us
-        _tower(repo, spec, graphs_dir / f"{name}.onnx", backend, serving, delay, query=name == "query_tower",
+        delay = serving.query_queue_delay_us if name == QUERY_TOWER else serving.product_queue_delay_us
+        _tower(repo, spec, graphs_dir / f"{name}.onnx", backend, serving, delay, query=name == QUERY_TOWER,
                front=fronts.get(name))
     if backend == "tensorrt":
-        lengths = {"query_tower": pre["query_max_length"], "text_tower": pre["max_length"]}
+        lengths = {QUERY_TOWER: pre["query_max_length"], TEXT_TOWER: pre["max_length"]}
         engines = {name: {"onnx": f"{name}/1/model.onnx", "plan": f"{name}/1/model.plan", "fp16": serving.trt_fp16,
-                          "shapes": _engine_shapes(spec, {"input_ids": lengths.get(name, -1),
-                                                          "attention_mask": lengths.get(name, -1)}, serving)}
+                          "shapes": _engine_shapes(spec, {INPUT_IDS: lengths.get(name, -1),
+                                                          ATTENTION_MASK: lengths.get(name, -1)}, serving)}
                    for name, spec in specs.items()}
         (repo / ENGINES_FILE).write_text(json.dumps(engines, indent=2) + "\n")
 
-    if fused:
-        query_steps = [("query_tower", {"QUERY": "QUERY"}, {"query_embedding": EMBEDDING})]
-        text_steps = [("text_tower", {"TITLE": "TITLE", "DESCRIPTION": "DESCRIPTION"},
-                       {"text_embedding": "text_embedding"})]
+    # The ensemble wiring: each step maps its model's tensors (names from core.specs) to ensemble tensors.
+    identity = lambda tensors: {t.name: t.name for t in tensors}  # noqa: E731
+    if fused:  # the towers read the raw text themselves
+        query_steps = [(QUERY_TOWER, identity(query_inputs), {QUERY_EMBEDDING: EMBEDDING})]
+        text_steps = [(TEXT_TOWER, identity(text_inputs), {TEXT_EMBEDDING: TEXT_EMBEDDING})]
     else:
-        query_steps = [
-            ("query_tokenizer", {"QUERY": "QUERY"}, {"input_ids": "q_input_ids", "attention_mask": "q_attention_mask"}),
-            ("query_tower", {"input_ids": "q_input_ids", "attention_mask": "q_attention_mask"},
-             {"query_embedding": EMBEDDING})]
-        text_steps = [
-            ("product_tokenizer", {"TITLE": "TITLE", "DESCRIPTION": "DESCRIPTION"},
-             {"input_ids": "p_input_ids", "attention_mask": "p_attention_mask"}),
-            ("text_tower", {"input_ids": "p_input_ids", "attention_mask": "p_attention_mask"},
-             {"text_embedding": "text_embedding"})]
-    _ensemble(repo, "query_encoder", query_inputs, query_steps, dim, serving)
+        q_ids = {INPUT_IDS: "q_" + INPUT_IDS, ATTENTION_MASK: "q_" + ATTENTION_MASK}
+        p_ids = {INPUT_IDS: "p_" + INPUT_IDS, ATTENTION_MASK: "p_" + ATTENTION_MASK}
+        query_steps = [(QUERY_TOKENIZER, identity(query_inputs), q_ids),
+                       (QUERY_TOWER, q_ids, {QUERY_EMBEDDING: EMBEDDING})]
+        text_steps = [(PRODUCT_TOKENIZER, identity(text_inputs), dict(p_ids)),
+                      (TEXT_TOWER, p_ids, {TEXT_EMBEDDING: TEXT_EMBEDDING})]
+    _ensemble(repo, QUERY_ENCODER, query_inputs, query_steps, dim, serving, fingerprint)
     if not multimodal:  # text-only model: the product embedding is the text tower's
-        text_steps[-1][2]["text_embedding"] = EMBEDDING
-        _ensemble(repo, "product_encoder", text_inputs, text_steps, dim, serving)
+        text_steps[-1][2][TEXT_EMBEDDING] = EMBEDDING
+        _ensemble(repo, PRODUCT_ENCODER, text_inputs, text_steps, dim, serving, fingerprint)
         return sorted(p.parent.name for p in repo.glob("*/config.pbtxt"))
-    text_steps[0][2]["text_mask"] = "text_mask"  # the tokenizing step says which products have text
+    text_steps[0][2][TEXT_MASK] = TEXT_MASK  # the tokenizing step says which products have text
 
     image = pre["image"]
-    pixels = TensorSpec("pixel_values", "TYPE_FP32", (3, image["image_size"], image["image_size"]))
+    pixels = TensorSpec(PIXEL_VALUES, "TYPE_FP32", (3, image["image_size"], image["image_size"]))
     image_params = {"preprocess_cfg": json.dumps(image), "max_pixels": serving.max_image_pixels,
                     "max_bytes": serving.max_image_bytes}
     image_files = {"model.py": TRITON_MODELS / "image_preprocess.py",
                    "preprocess.py": Path(preprocess_module.__file__)}
-    for name, allow_missing, outputs in (
-            ("image_preprocess", "true", (pixels, TensorSpec("image_mask", "TYPE_FP32", (1,)))),
-            ("query_image_preprocess", "false", (pixels,))):
+    for name, allow_missing, outputs in ((IMAGE_PREPROCESS, "true", (pixels, IMAGE_MASK_SPEC)),
+                                         (QUERY_IMAGE_PREPROCESS, "false", (pixels,))):
         _write(repo, name, _config(
-            name, 'backend: "python"\n', [TensorSpec("IMAGE", string, (1,))], outputs, serving, "KIND_CPU",
+            name, 'backend: "python"\n', [IMAGE_INPUT], outputs, serving, "KIND_CPU",
             serving.preprocess_instances, serving.product_queue_delay_us,
             {**image_params, "allow_missing": allow_missing}), image_files)
 
-    _ensemble(repo, "product_encoder", [*text_inputs, TensorSpec("IMAGE", string, (1,))], [
+    _ensemble(repo, PRODUCT_ENCODER, [*text_inputs, IMAGE_INPUT], [
         *text_steps,
-        ("image_preprocess", {"IMAGE": "IMAGE"}, {"pixel_values": "pixel_values", "image_mask": "image_mask"}),
-        ("image_tower", {"pixel_values": "pixel_values"}, {"image_embedding": "image_embedding"}),
-        ("fusion", {"text_embedding": "text_embedding", "image_embedding": "image_embedding",
-                    "text_mask": "text_mask", "image_mask": "image_mask"}, {"product_embedding": EMBEDDING}),
-    ], dim, serving)
-    _ensemble(repo, "image_encoder", [TensorSpec("IMAGE", string, (1,))], [
-        ("query_image_preprocess", {"IMAGE": "IMAGE"}, {"pixel_values": "q_pixel_values"}),
-        ("image_tower", {"pixel_values": "q_pixel_values"}, {"image_embedding": "q_image_embedding"}),
-        ("image_query_head", {"image_embedding": "q_image_embedding"}, {"image_query_embedding": EMBEDDING}),
-    ], dim, serving)
+        (IMAGE_PREPROCESS, {IMAGE: IMAGE}, {PIXEL_VALUES: PIXEL_VALUES, IMAGE_MASK: IMAGE_MASK}),
+        (IMAGE_TOWER, {PIXEL_VALUES: PIXEL_VALUES}, {IMAGE_EMBEDDING: IMAGE_EMBEDDING}),
+        (FUSION, {TEXT_EMBEDDING: TEXT_EMBEDDING, IMAGE_EMBEDDING: IMAGE_EMBEDDING,
+                  TEXT_MASK: TEXT_MASK, IMAGE_MASK: IMAGE_MASK}, {PRODUCT_EMBEDDING: EMBEDDING}),
+    ], dim, serving, fingerprint)
+    q_pixels, q_image = "q_" + PIXEL_VALUES, "q_" + IMAGE_EMBEDDING
+    _ensemble(repo, IMAGE_ENCODER, [IMAGE_INPUT], [
+        (QUERY_IMAGE_PREPROCESS, {IMAGE: IMAGE}, {PIXEL_VALUES: q_pixels}),
+        (IMAGE_TOWER, {PIXEL_VALUES: q_pixels}, {IMAGE_EMBEDDING: q_image}),
+        (IMAGE_QUERY_HEAD, {IMAGE_EMBEDDING: q_image}, {IMAGE_QUERY_EMBEDDING: EMBEDDING}),
+    ], dim, serving, fingerprint)
     return sorted(p.parent.name for p in repo.glob("*/config.pbtxt"))

@@ -17,6 +17,8 @@ import onnx
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from core.specs import ATTENTION_MASK, INPUT_IDS, TEXT_MASK
+
 ONNX_TO_TRITON = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.INT64: "TYPE_INT64",
                   onnx.TensorProto.FLOAT16: "TYPE_FP16", onnx.TensorProto.INT32: "TYPE_INT32"}
 
@@ -70,8 +72,8 @@ def validate_repository(repo: Path) -> list[str]:
     return problems
 
 
-TOKENIZED = ("input_ids", "attention_mask")  # a text graph's inputs
-TOKENIZER_OUTPUTS = ("text_mask",)  # what a tokenizing tower adds to its graph's outputs
+TOKENIZED = (INPUT_IDS, ATTENTION_MASK)  # a text graph's inputs
+TOKENIZER_OUTPUTS = (TEXT_MASK,)  # what a tokenizing tower adds to its graph's outputs
 
 
 def _check_tokenizing(name: str, cfg, graph) -> list[str]:

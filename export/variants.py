@@ -14,7 +14,7 @@ from pathlib import Path
 
 import onnx
 
-from .graphs import GraphSpec
+from core.specs import IMAGE_TOWER, GraphSpec  # no torch: the GPU bench converts to FP16 with this module
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def _copy_graph(src: Path, dst: Path) -> None:
 def _transformer_type(spec: GraphSpec) -> str | None:
     if spec.text:
         return "bert"
-    if spec.name == "image_tower":
+    if spec.name == IMAGE_TOWER:  # fuses a ViT's attention; a CNN tower gets the basic graph optimizations
         return "vit"
     return None
 

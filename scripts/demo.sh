@@ -51,7 +51,7 @@ $PY client/search.py "watch" -k 5 --gender Women --max-price 60 --milvus-uri "$M
 echo
 example=$($PY - "$CATALOG" <<'PYEOF'
 import sys
-from training.catalog import ImageFetcher, read_catalog
+from core.catalog import ImageFetcher, read_catalog
 df, _ = read_catalog(sys.argv[1], limit=50)
 fetch = ImageFetcher(base_dir=df.attrs["base_dir"])
 for pid, ref, title in zip(df["product_id"], df["image"], df["title"]):

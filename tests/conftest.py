@@ -50,8 +50,18 @@ def tiny_repository(tiny_checkpoint, tmp_path_factory) -> Path:
 
     repo = tmp_path_factory.mktemp("repo") / "model_repository"
     main(["--checkpoint", str(tiny_checkpoint), "--out", str(repo), "--variant", "optimized",
+          "--graphs-dir", str(tmp_path_factory.mktemp("graphs")),
           "--measure", "fp32,optimized,int8", "--catalog", str(CATALOG), "--parity-rows", "32"])
     return repo
+
+
+def graphs_dir(repository: Path) -> Path:
+    """The graphs folder an export wrote (build/graphs/<checkpoint>-<weights digest>/ by default)."""
+    import json
+
+    from export.__main__ import REPORT_FILE
+
+    return Path(json.loads((repository / REPORT_FILE).read_text())["graphs_dir"])
 
 
 @pytest.fixture(scope="session")

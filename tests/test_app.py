@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from client.app import ApiError, Backend, CatalogImages, create_app
+from core.catalog import read_catalog
 from export.serve import free_port
 from tests.conftest import N_INDEXED
-from training.catalog import read_catalog
 
 pytestmark = pytest.mark.server
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +187,61 @@ def served_page(app):
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(10)
+
+
+def test_metrics_count_stages_errors_and_the_served_model(api):
+    api.get("/api/search", params={"q": "blue shirt", "k": 3})
+    api.get("/api/search", params={"q": "  "})  # bad input
+    text = api.get("/metrics").text
+    assert 'mmsearch_stage_seconds_count{kind="text",stage="embed"}' in text
+    assert _sample(text, 'mmsearch_stage_seconds_count{kind="text",stage="total"}') >= 1
+    assert _sample(text, 'mmsearch_errors_total{error_class="bad_input"}') >= 1
+    assert _sample(text, 'mmsearch_errors_total{error_class="triton"}') == 0
+    fingerprint = re.search(r'mmsearch_model_info\{fingerprint="([^"]+)"\} 1\.0', text).group(1)
+    assert re.fullmatch(r"[0-9a-f]{12}-(fp32|optimized|int8)", fingerprint)  # weights hash + graph variant
+
+
+def _sample(text: str, name: str) -> float:
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name)))
+
+
+def test_a_real_prometheus_scrapes_the_page_and_triton(served_page, triton, tmp_path):
+    """docker/monitoring/prometheus.yml, targets pointed at loopback, run by Debian's Prometheus."""
+    import json
+    import subprocess
+    import urllib.request
+
+    import yaml
+
+    binary = shutil.which("prometheus")
+    assert binary, "prometheus is missing: run scripts/system-deps.sh (make test does)"
+    config = yaml.safe_load((REPO / "docker" / "monitoring" / "prometheus.yml").read_text())
+    targets = {"mmsearch-page": served_page.removeprefix("http://"),
+               "triton": f"127.0.0.1:{triton.metrics_port}"}
+    for job in config["scrape_configs"]:
+        job["static_configs"] = [{"targets": [targets[job["job_name"]]]}]
+    config["global"]["scrape_interval"] = "1s"
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    prometheus = subprocess.Popen(
+        [binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, health = time.monotonic() + 60, {}
+        while set(health.values()) != {"up"} or len(health) < 2:
+            assert prometheus.poll() is None, "prometheus exited"
+            assert time.monotonic() < deadline, f"targets not up in 60 s: {health}"
+            time.sleep(0.5)
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/targets", timeout=2) as r:
+                    active = json.load(r)["data"]["activeTargets"]
+            except OSError:
+                continue
+            health = {t["labels"]["job"]: t["health"] for t in active}
+        assert health == {"mmsearch-page": "up", "triton": "up"}
+    finally:
+        prometheus.terminate()
+        prometheus.wait(10)
 
 
 def test_page_end_to_end_in_headless_chromium(served_page, products, tmp_path):

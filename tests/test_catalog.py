@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from training.catalog import CatalogError, ColumnMap, ImageFetcher, read_catalog
+from core.catalog import CatalogError, ColumnMap, ImageFetcher, read_catalog
+from core.preprocess import ImageError, decode_image, image_to_pixels
 from training.data import build_product_set
-from training.preprocess import ImageError, decode_image, image_to_pixels
 
 IMAGE_CFG = {"image_size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
              "interpolation": "bicubic", "resize_mode": "pad", "fill": [255, 255, 255]}

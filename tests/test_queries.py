@@ -1,5 +1,5 @@
-from training.catalog import read_catalog
-from training.queries import TRAIN_TEMPLATES, brand_of, generate_queries, product_attributes, relevant_ids
+from core.catalog import read_catalog
+from core.queries import TRAIN_TEMPLATES, brand_of, generate_queries, product_attributes, relevant_ids
 
 
 def test_brand_is_read_before_the_gender_word():

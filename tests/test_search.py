@@ -11,8 +11,8 @@ from client.encoder import TritonEncoder
 from client.index import Indexer
 from client.search import Searcher, build_filter, filter_expression, parse_args
 from client.search import main as search_main
+from core.catalog import read_catalog
 from tests.conftest import N_INDEXED as N
-from training.catalog import read_catalog
 
 pytestmark = pytest.mark.server
 
@@ -100,9 +100,11 @@ def test_empty_query_is_refused_by_the_cli(capsys):
     assert "empty query" in capsys.readouterr().err
 
 
-def test_client_imports_no_torch_and_no_transformers():
-    code = ("import sys, client.search, client.index, client.encoder, client.store, client.evaluate, client.app; "
-            "bad = [m for m in ('torch', 'transformers', 'open_clip') if m in sys.modules]; "
+def test_client_and_core_import_no_torch_no_training_no_export():
+    """The layering: core/ is the torch-free ground floor; client/ stands on it alone."""
+    code = ("import sys, core.specs, core.catalog, core.queries, core.metrics, core.preprocess, client.search, "
+            "client.index, client.encoder, client.store, client.evaluate, client.app, client.metrics; "
+            "bad = [m for m in ('torch', 'transformers', 'open_clip', 'training', 'export') if m in sys.modules]; "
             "print(json.dumps(bad))")
     out = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == []

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training.catalog import read_catalog
+from core.catalog import read_catalog
 from training.data import build_product_set
 from training.factory import create_model, create_tokenizer, preprocess_config
 from training.train import (

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from client.encoder import EncoderUnavailable, EncodingError, TritonEncoder
-from training.catalog import read_catalog
+from core.catalog import read_catalog
+from core.preprocess import image_to_pixels, product_text
 from training.encode import tokenize
 from training.factory import create_model, create_tokenizer, load_checkpoint_config
-from training.preprocess import image_to_pixels, product_text
 
 pytestmark = pytest.mark.server
 

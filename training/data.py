@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from .catalog import CatalogReport, ImageFetcher, has_image_ref
-from .preprocess import ImageError, decode_image, product_text, resize_image
-from .queries import product_attributes
+from core.catalog import CatalogReport, ImageFetcher, has_image_ref
+from core.preprocess import ImageError, decode_image, product_text, resize_image
+from core.queries import product_attributes
 
 logger = logging.getLogger(__name__)
 

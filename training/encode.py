@@ -7,9 +7,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from core.preprocess import normalize_pixels
+
 from .data import ProductSet
 from .model import ProductSearchModel
-from .preprocess import normalize_pixels
 
 
 def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:

@@ -6,7 +6,7 @@ A query set is JSONL: {"query": "...", "relevant": [ids]} for text queries, or
 {"image_product_id": "...", "relevant": [ids]} for image queries (the photo of that catalog
 product is the query; that product itself is left out of the ranking and of the relevant set,
 so a photo scores by the *other* products it finds). Reports Recall@{1,10,100} (capped, see
-training.metrics), nDCG@10, MRR@10 and the query count, per query kind, as a table and as JSON.
+core.metrics), nDCG@10, MRR@10 and the query count, per query kind, as a table and as JSON.
 
 `--degrade colour` removes colour words from every product's text before embedding it: what a
 model still finds then comes from the image.
@@ -23,12 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .catalog import DEFAULT_CATALOG, ColumnMap, read_catalog
+from core.catalog import DEFAULT_CATALOG, ColumnMap, read_catalog
+from core.metrics import format_table, rank, retrieval_metrics, without_query_products
+from core.queries import QuerySet
+
 from .data import ProductSet, build_product_set
 from .encode import embed_image_queries, embed_products, embed_queries
 from .factory import create_model, create_tokenizer, load_checkpoint_config
-from .metrics import format_table, rank, retrieval_metrics, without_query_products
-from .queries import QuerySet
 
 logger = logging.getLogger("training.evaluate")
 KS = (1, 10, 100)

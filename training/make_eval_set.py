@@ -15,9 +15,10 @@ import json
 import random
 from pathlib import Path
 
-from .catalog import DEFAULT_CATALOG, read_catalog
+from core.catalog import DEFAULT_CATALOG, read_catalog
+from core.queries import EVAL_TEMPLATES, generate_query, product_attributes, relevant_ids
+
 from .data import split_indices
-from .queries import EVAL_TEMPLATES, generate_query, product_attributes, relevant_ids
 
 
 def main(argv: list[str] | None = None) -> None:

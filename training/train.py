@@ -25,13 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .catalog import DEFAULT_CATALOG, ColumnMap, read_catalog
+from core.catalog import DEFAULT_CATALOG, ColumnMap, read_catalog
+from core.metrics import rank, retrieval_metrics, without_query_products
+from core.queries import Query, generate_queries, generate_query, look, relevant_ids
+
 from .data import ProductSet, build_product_set, split_indices
 from .encode import embed_image_queries, embed_products, embed_queries, pixel_tensor, tokenize
 from .factory import create_model, create_tokenizer, get_model_config, list_models, preprocess_config, save_checkpoint
-from .metrics import rank, retrieval_metrics, without_query_products
 from .model import ProductSearchModel
-from .queries import Query, generate_queries, generate_query, look, relevant_ids
 
 logger = logging.getLogger("training")
 

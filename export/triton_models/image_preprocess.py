@@ -29,7 +29,10 @@ class TritonPythonModel:
         self.allow_missing = params.get("allow_missing", "false") == "true"
         size = int(self.cfg["image_size"])
         self.empty = np.zeros((3, size, size), dtype=np.float32)
-        self.with_mask = any(o["name"] == "image_mask" for o in config["output"])
+        # Tensor names come from the config export wrote (core.specs): none is typed here.
+        self.input = config["input"][0]["name"]
+        self.pixels = config["output"][0]["name"]
+        self.mask = config["output"][1]["name"] if len(config["output"]) > 1 else None
 
     def _pixels(self, data):
         if not data:
@@ -43,15 +46,15 @@ class TritonPythonModel:
     def execute(self, requests):
         responses = []
         for request in requests:
-            images = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy().reshape(-1)
+            images = pb_utils.get_input_tensor_by_name(request, self.input).as_numpy().reshape(-1)
             try:
                 results = [self._pixels(bytes(b) if b is not None else b"") for b in images]
             except self.pre.ImageError as exc:
                 error = pb_utils.TritonError(f"bad image: {exc}", pb_utils.TritonError.INVALID_ARG)
                 responses.append(pb_utils.InferenceResponse(error=error))
                 continue
-            out = [pb_utils.Tensor("pixel_values", np.stack([p for p, _ in results]))]
-            if self.with_mask:
-                out.append(pb_utils.Tensor("image_mask", np.asarray([[m] for _, m in results], dtype=np.float32)))
+            out = [pb_utils.Tensor(self.pixels, np.stack([p for p, _ in results]))]
+            if self.mask is not None:
+                out.append(pb_utils.Tensor(self.mask, np.asarray([[m] for _, m in results], dtype=np.float32)))
             responses.append(pb_utils.InferenceResponse(output_tensors=out))
         return responses

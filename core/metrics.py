@@ -79,3 +79,26 @@ def format_table(results: dict[str, dict]) -> str:
             values = [f"{metrics[c]:.4f}" if isinstance(metrics[c], float) else str(metrics[c]) for c in cols]
             lines.append(f"| {name} | {kind} | " + " | ".join(values) + " |")
     return "\n".join(lines)
+
+
+def cosine_stats(got: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """Row-wise cosine of two embedding sets (min / mean) and their largest absolute difference."""
+    a, b = got.astype(np.float64), reference.astype(np.float64)
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    return {"cos_min": float(cos.min()), "cos_mean": float(cos.mean()),
+            "max_abs_diff": float(np.abs(a - b).max()), "rows": len(cos)}
+
+
+def top_k_overlap(queries: np.ndarray, products: np.ndarray, ref_queries: np.ndarray, ref_products: np.ndarray,
+                  k: int = 10) -> float:
+    """Mean share of each query's reference top k (by inner product) that the other embeddings keep."""
+    k = min(k, len(products))
+    mine = np.argsort(-(queries @ products.T), axis=1)[:, :k]
+    ref = np.argsort(-(ref_queries @ ref_products.T), axis=1)[:, :k]
+    return float(np.mean([len(set(m) & set(r)) / k for m, r in zip(mine, ref)]))
+
+
+def percentiles(samples_ms: Sequence[float]) -> dict[str, float]:
+    a = np.asarray(samples_ms)
+    return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)),
+            "mean_ms": float(a.mean()), "n": len(a)}

@@ -6,7 +6,7 @@ it matches every constraint. Training uses it to drop in-batch false negatives; 
 to count every matching product as a hit.
 
 TRAIN_TEMPLATES are the phrasings the training generator uses. Evaluation sets must be written in
-other phrasings (see `evaluation/`), so that a score measures generalisation, not memorised templates.
+other phrasings (see training/make_eval_set.py), so that a score measures generalisation, not memorised templates.
 """
 
 from __future__ import annotations
@@ -179,7 +179,8 @@ def relevant_ids(query: Query, products: Sequence[Mapping[str, str]], ids: Seque
     return found
 
 
-DEFAULT_EVAL_SET = Path(__file__).parent / "eval_sets" / "fashion.jsonl"  # committed, kept out of training
+# Committed beside training/ (written by `python -m training.make_eval_set`), kept out of training.
+DEFAULT_EVAL_SET = Path(__file__).resolve().parents[1] / "training" / "eval_sets" / "fashion.jsonl"
 
 
 @dataclass
