@@ -3,7 +3,8 @@
     python client/app.py --catalog ../shared/data/fashion/catalog.parquet --port 8080
 
 API (OpenAPI schema at /docs and /openapi.json):
-    GET  /api/search?q=red+kurta&k=12&colour=Red&gender=Women&min_price=10&max_price=60
+    GET  /api/search?q=red+kurta&k=12&mode=hybrid&colour=Red&gender=Women&min_price=10&max_price=60
+                             hits, and facets (category, article type, colour, gender) over the top 100
     POST /api/search/image   (multipart: file, plus the same filters as form fields)
     GET  /api/health         which dependency is unhealthy, answered within the timeouts
     GET  /images/{id}        the product's photo from the catalog (bytes, path or URL), cacheable
@@ -45,6 +46,7 @@ from core.specs import QUERY_ENCODER  # noqa: E402
 logger = logging.getLogger("client.app")
 PAGE = Path(__file__).parent / "static" / "index.html"
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # the image models refuse more anyway; refuse before sending it
+MAX_QUERY_CHARS = 1000  # a query longer than this is not a search: a 400, before Triton or Milvus see it
 IMAGE_TYPES = {b"\xff\xd8": "image/jpeg", b"\x89P": "image/png", b"RI": "image/webp", b"GI": "image/gif"}
 
 
@@ -119,9 +121,10 @@ class Backend:
             except Exception:  # noqa: BLE001  (closing a broken connection must not raise)
                 pass
 
-    def search(self, text: str | None, image: bytes | None, k: int, expression: str) -> SearchResult:
+    def search(self, text: str | None, image: bytes | None, k: int, expression: str,
+               mode: str = "hybrid") -> SearchResult:
         try:
-            return self.searcher().search(text, image, k, expression)
+            return self.searcher().search(text, image, k, expression, mode)
         except EncodingError as exc:
             raise ApiError(400, str(exc)) from None
         except EncoderUnavailable as exc:
@@ -201,8 +204,10 @@ class CatalogImages:
 
 
 def _hits(result: SearchResult) -> dict:
-    return {"query": result.query, "embed_ms": round(result.embed_ms, 2), "search_ms": round(result.search_ms, 2),
-            "hits": [{**asdict(h), "image_url": f"/images/{h.product_id}"} for h in result.hits]}
+    return {"query": result.query, "mode": result.mode, "notice": result.notice,
+            "embed_ms": round(result.embed_ms, 2), "search_ms": round(result.search_ms, 2),
+            "hits": [{**asdict(h), "image_url": f"/images/{h.product_id}"} for h in result.hits],
+            "facets": {name: [{"value": v, "count": n} for v, n in values] for name, values in result.facets.items()}}
 
 
 def _filters(**values) -> str:
@@ -273,9 +278,10 @@ def create_app(backend: Backend, images: CatalogImages, max_upload_bytes: int = 
         metrics.error(exc.error_class)
         return JSONResponse({"error": exc.message}, status_code=exc.status)
 
-    def searched(kind: str, text: str | None, image_data: bytes | None, k: int, expression: str) -> SearchResult:
+    def searched(kind: str, text: str | None, image_data: bytes | None, k: int, expression: str,
+                 mode: str = "hybrid") -> SearchResult:
         started = time.perf_counter()
-        result = backend.search(text, image_data, k, expression)
+        result = backend.search(text, image_data, k, expression, mode)
         metrics.observe(kind, result.embed_ms / 1e3, result.search_ms / 1e3, time.perf_counter() - started)
         metrics.served_model(backend.fingerprint())
         return result
@@ -302,27 +308,31 @@ def create_app(backend: Backend, images: CatalogImages, max_upload_bytes: int = 
     @app.get("/api/search", summary="Text search")
     def search_text(q: str = Query(..., description="what to look for, in words"),
                     k: int = Query(12, ge=1, le=100, description="number of results"),
+                    mode: str = Query("hybrid", pattern="^(hybrid|dense|lexical)$",
+                                      description="hybrid: BM25 and dense fused; dense: embeddings; lexical: BM25"),
                     category: str | None = None, article_type: str | None = None, colour: str | None = None,
                     gender: str | None = None, usage: str | None = None,
                     min_price: float | None = None, max_price: float | None = None) -> dict:
         if not q.strip():
             raise ApiError(400, "empty query: type some words to search for")
+        if len(q) > MAX_QUERY_CHARS:
+            raise ApiError(400, f"query too long: {len(q):,} characters, the limit is {MAX_QUERY_CHARS:,}")
         expression = _filters(category=category, article_type=article_type, colour=colour, gender=gender,
                               usage=usage, min_price=min_price, max_price=max_price)
-        return _hits(searched("text", q, None, k, expression))
+        return _hits(searched("text", q, None, k, expression, mode))
 
     @app.post("/api/search/image", summary="Search with a photo (JPEG, PNG or WebP)")
     def search_image(file: UploadFile = File(..., description="the photo"), k: int = Form(12, ge=1, le=100),
-                     category: str | None = Form(None), colour: str | None = Form(None),
-                     gender: str | None = Form(None), min_price: float | None = Form(None),
-                     max_price: float | None = Form(None)) -> dict:
+                     category: str | None = Form(None), article_type: str | None = Form(None),
+                     colour: str | None = Form(None), gender: str | None = Form(None),
+                     min_price: float | None = Form(None), max_price: float | None = Form(None)) -> dict:
         data = file.file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
             raise ApiError(413, f"upload too large: the limit is {max_upload_bytes // (1024 * 1024)} MB")
         if not data:
             raise ApiError(400, "empty upload: choose a photo")
-        expression = _filters(category=category, colour=colour, gender=gender, min_price=min_price,
-                              max_price=max_price)
+        expression = _filters(category=category, article_type=article_type, colour=colour, gender=gender,
+                              min_price=min_price, max_price=max_price)
         result = searched("image", None, data, k, expression)
         result.query = file.filename or "<image>"
         return _hits(result)

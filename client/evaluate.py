@@ -25,6 +25,7 @@ from tqdm import tqdm  # noqa: E402
 
 from client import store  # noqa: E402
 from client.encoder import EncoderUnavailable, EncodingError, TritonEncoder  # noqa: E402
+from client.fusion import MODES, fuse  # noqa: E402
 from client.index import add_connection_args  # noqa: E402
 from core.catalog import DEFAULT_CATALOG, CatalogError, ColumnMap, ImageFetcher, read_catalog  # noqa: E402
 from core.metrics import KS, format_table, retrieval_metrics, without_query_products  # noqa: E402
@@ -40,14 +41,27 @@ def _ranked(client, collection: str, vectors, k: int, index: tuple[str, str]) ->
 
 def evaluate_served(encoder: TritonEncoder, client, queries: Path, catalog: str | None,
                     columns: ColumnMap | None = None, collection: str = store.COLLECTION,
-                    batch_size: int = 32) -> dict:
+                    batch_size: int = 32, mode: str = "hybrid") -> dict:
     qs = QuerySet.load(queries)
     index = store.collection_index(client, collection)
     client.load_collection(collection)
     k = max(KS)
     wanted = {r for rel in qs.text_relevant + qs.image_relevant for r in rel}
     indexed = store.existing_ids(client, sorted(wanted), collection)
-    out = {"collection": collection, "products": store.count(client, collection), "metrics": {}}
+    if mode != "dense" and not store.has_lexical(client, collection):
+        logger.warning("collection %s has no BM25 field: text queries evaluated dense (re-index with --recreate)",
+                       collection)
+        mode = "dense"
+    out = {"collection": collection, "products": store.count(client, collection), "mode": mode, "metrics": {}}
+    similarity = (lambda d: 1.0 - d / 2.0) if index[1] == "L2" else float
+
+    def ranked_texts(texts: list[str]) -> list[list[str]]:
+        dense = ([[]] * len(texts) if mode == "lexical" else
+                 store.search(client, encoder.embed_queries(texts), k, collection, index=index))
+        lexical = [[]] * len(texts) if mode == "dense" else store.lexical_search(client, texts, k, collection)
+        hits = [fuse(d, lx, similarity) if mode == "hybrid" else (lx if mode == "lexical" else d)
+                for d, lx in zip(dense, lexical)]
+        return [[h.product_id for h in row[:k]] for row in hits]
 
     def keep(queries_, relevant_lists):
         kept = [(q, [r for r in rel if r in indexed]) for q, rel in zip(queries_, relevant_lists)]
@@ -57,8 +71,7 @@ def evaluate_served(encoder: TritonEncoder, client, queries: Path, catalog: str 
     if text_items:
         ranked = []
         for start in tqdm(range(0, len(text_items), batch_size), desc="text queries", unit="batch", disable=None):
-            batch = [q for q, _ in text_items[start:start + batch_size]]
-            ranked += _ranked(client, collection, encoder.embed_queries(batch), k, index)
+            ranked += ranked_texts([q for q, _ in text_items[start:start + batch_size]])
         out["metrics"]["text"] = retrieval_metrics(ranked, [rel for _, rel in text_items], KS)
     image_items = keep(qs.image_ids, qs.image_relevant)
     if image_items and encoder.multimodal:
@@ -93,6 +106,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="JSONL query set (training.evaluate's format)")
     p.add_argument("--catalog", default=DEFAULT_CATALOG, help="catalog the image queries' photos come from")
     p.add_argument("--batch-size", type=int, default=32, help="queries per Triton request and Milvus search")
+    p.add_argument("--mode", choices=MODES, default="hybrid",
+                   help="how text queries search (image queries are always dense), as client/search.py --mode")
     p.add_argument("--json", dest="json_out", type=Path, help="also write the metrics to this JSON file")
     ColumnMap.add_arguments(p)
     add_connection_args(p)
@@ -109,11 +124,11 @@ def main(argv: list[str] | None = None) -> int:
         if store.collection_dim(client, args.collection) is None:
             raise store.StoreError(f"no collection {args.collection!r}: index a catalog first")
         result = evaluate_served(encoder, client, args.queries, args.catalog, ColumnMap.from_args(args),
-                                 args.collection, args.batch_size)
+                                 args.collection, args.batch_size, args.mode)
     except (EncoderUnavailable, EncodingError, store.StoreError, CatalogError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(format_table({f"served ({result['products']} products)": result}))
+    print(format_table({f"served ({result['products']} products, {result['mode']})": result}))
     if args.json_out:
         args.json_out.write_text(json.dumps(result, indent=2) + "\n")
     return 0

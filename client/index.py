@@ -29,6 +29,7 @@ from client.encoder import EncoderUnavailable, EncodingError, TritonEncoder
 from core.catalog import DEFAULT_CATALOG, CatalogError, ColumnMap, ImageFetcher, has_image_ref, read_catalog
 from core.specs import PRODUCT_ENCODER
 
+PROGRESS_EVERY = 5000  # products between progress lines when stderr is not a terminal
 logger = logging.getLogger("client.index")
 
 
@@ -114,6 +115,10 @@ class Indexer:
         encoder = self.encoder()
         encoder.check_ready([PRODUCT_ENCODER])
         store.ensure_collection(self.client, encoder.embed_dim, self.collection, index_type, metric)
+        lexical = store.has_lexical(self.client, self.collection)
+        if not lexical:
+            logger.warning("collection %s has no BM25 field (made before it, or by a Milvus without it): "
+                           "indexing vectors only; `--recreate` rebuilds it with lexical search", self.collection)
         rows = df.to_dict("records")
         if not reindex:
             done = store.existing_ids(self.client, [r[store.ID] for r in rows], self.collection)
@@ -146,6 +151,7 @@ class Indexer:
         bar = tqdm(total=len(rows), desc="index", unit="product", mininterval=1, disable=None)  # a bar on a TTY only
         pending: set[Future] = set()
         buffer: list[dict] = []
+        processed = 0
         with ThreadPoolExecutor(self.concurrency) as pool:
             try:
                 queue = iter(batches)
@@ -160,10 +166,14 @@ class Indexer:
                     finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                     for future in finished:
                         kept, vectors, text_only, failed = future.result()
-                        buffer += [store.make_row(r, v) for r, v in zip(kept, vectors)]
+                        buffer += [store.make_row(r, v, lexical) for r, v in zip(kept, vectors)]
                         report.text_only += text_only
                         report.failed += failed
                         bar.update(len(kept) + len(failed))
+                        before, processed = processed, processed + len(kept) + len(failed)
+                        if bar.disable and processed // PROGRESS_EVERY > before // PROGRESS_EVERY:
+                            logger.info("embedded %d of %d products (%.0f/s)", processed, len(rows),
+                                        processed / max(1e-9, time.monotonic() - started))
                     if len(buffer) >= 512:
                         report.indexed += store.upsert(self.client, buffer, self.collection)
                         buffer = []

@@ -4,6 +4,7 @@
     python client/search.py "running shoes" -k 5 --gender Men --max-price 40
     python client/search.py --image photo.jpg --json
     python client/search.py "watch" --filter 'price < 50 and usage == "Formal"'
+    python client/search.py "PL13090JS-28E" --mode lexical     # hybrid (the default) finds it too
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import logging
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: python client/search.py
@@ -22,6 +23,7 @@ if __package__ in (None, ""):  # run as a script: python client/search.py
 
 from client import store
 from client.encoder import EncoderUnavailable, EncodingError, TritonEncoder
+from client.fusion import MODES, facet_counts, fuse
 from client.index import add_connection_args
 from core.specs import IMAGE_ENCODER, QUERY_ENCODER
 
@@ -39,12 +41,18 @@ FILTERS = {
 }
 
 
+FACET_DEPTH = 100  # facets count the values among this many top hits
+
+
 @dataclass
 class SearchResult:
     query: str
     hits: list[store.Hit]
     embed_ms: float
     search_ms: float
+    mode: str = "dense"  # how it was searched (a photo, or a collection without BM25, is dense)
+    facets: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
+    notice: str = ""  # one line for the user when the search was not what was asked (a fallback)
 
 
 class Searcher:
@@ -64,24 +72,45 @@ class Searcher:
         # 44k products with Milvus Lite); done here, it is not charged to the first search.
         self.index = store.collection_index(client, collection)  # (index type, metric)
         self.metric = self.index[1]
+        self.lexical = store.has_lexical(client, collection)
         started = time.perf_counter()
         client.load_collection(collection)
         self.load_ms = (time.perf_counter() - started) * 1e3
 
     def search(self, text: str | None = None, image: bytes | None = None, k: int = 10,
-               expression: str = "") -> SearchResult:
+               expression: str = "", mode: str = "hybrid") -> SearchResult:
+        """Top-k products for a text (in `mode`: hybrid, dense or lexical) or a photo (dense: it has no words)."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        if image is None and (text is None or not text.strip()):
+            raise EncodingError("nothing to search: give a query text or an image")
+        depth, notice = max(k, FACET_DEPTH), ""
+        if image is not None:
+            mode = "dense"
+        elif mode != "dense" and not self.lexical:
+            notice = (f"collection {self.collection!r} has no BM25 field (indexed before lexical search, or by a "
+                      "Milvus before 2.5): searched dense only; re-index with --recreate for hybrid search")
+            mode = "dense"
         started = time.perf_counter()
+        vector = None
         if image is not None:
             vector = self.encoder.embed_images([image])[0]
-        elif text is not None:
+        elif mode != "lexical":
             vector = self.encoder.embed_queries([text])[0]
-        else:
-            raise EncodingError("nothing to search: give a query text or an image")
         embedded = time.perf_counter()
-        hits = store.search(self.client, [vector], k, self.collection, expression, self.index,
-                            timeout_s=self.encoder.timeout_s)[0]
+        timeout = self.encoder.timeout_s
+        dense = ([] if vector is None else
+                 store.search(self.client, [vector], depth, self.collection, expression, self.index, timeout)[0])
+        lexical = ([] if mode == "dense" else
+                   store.lexical_search(self.client, [text], depth, self.collection, expression, timeout)[0])
+        hits = fuse(dense, lexical, self.similarity) if mode == "hybrid" else (lexical if mode == "lexical" else dense)
         done = time.perf_counter()
-        return SearchResult(text or "<image>", hits, (embedded - started) * 1e3, (done - embedded) * 1e3)
+        return SearchResult(text or "<image>", hits[:k], (embedded - started) * 1e3, (done - embedded) * 1e3,
+                            mode, facet_counts(hits[:FACET_DEPTH]), notice)
+
+    def similarity(self, distance: float) -> float:
+        """A dense hit's Milvus distance as a similarity: IP and COSINE already are; L2 is squared."""
+        return 1.0 - distance / 2.0 if self.metric == "L2" else distance
 
 
 def filter_expression(values: Mapping[str, object], raw: str | None = None) -> str:
@@ -110,7 +139,8 @@ def build_filter(args: argparse.Namespace) -> str:
 
 
 def format_table(result: SearchResult) -> str:
-    lines = [f'results for "{result.query}"  (embed {result.embed_ms:.1f} ms, search {result.search_ms:.1f} ms)']
+    lines = [f'results for "{result.query}"  ({result.mode}; embed {result.embed_ms:.1f} ms, '
+             f'search {result.search_ms:.1f} ms)']
     header = f"{'#':>2}  {'score':>6}  {'id':<8}  {'title':<48}  {'type':<14}  {'colour':<10}  {'gender':<7}  price"
     lines += [header, "-" * len(header)]
     for rank, hit in enumerate(result.hits, 1):
@@ -138,6 +168,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--usage", help="Casual, Formal, Sports, Ethnic...")
     p.add_argument("--min-price", type=float, help="lowest price (products without a price are stored as -1)")
     p.add_argument("--max-price", type=float, help="highest price")
+    p.add_argument("--mode", choices=MODES, default="hybrid",
+                   help="hybrid: BM25 and dense fused (exact codes and names, and meaning); dense: embeddings "
+                        "only; lexical: BM25 only. A photo is always searched dense")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     add_connection_args(p)
     return p.parse_args(argv)
@@ -158,16 +191,19 @@ def main(argv: list[str] | None = None) -> int:
         encoder.check_ready([QUERY_ENCODER] + ([IMAGE_ENCODER] if image else []))
         client = store.connect(args.milvus_uri, args.token, args.user, args.password)
         searcher = Searcher(encoder, client, args.collection)
-        result = searcher.search(args.query, image, args.top_k, build_filter(args))
+        result = searcher.search(args.query, image, args.top_k, build_filter(args), args.mode)
     except FileNotFoundError as exc:
         print(f"error: no such image file: {exc.filename}", file=sys.stderr)
         return 2
     except (EncoderUnavailable, EncodingError, store.StoreError, ValueError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if result.notice:
+        print(f"note: {result.notice}", file=sys.stderr)
     if args.json:
-        print(json.dumps({"query": result.query, "embed_ms": result.embed_ms, "search_ms": result.search_ms,
-                          "hits": [asdict(h) for h in result.hits]}, indent=2))
+        print(json.dumps({"query": result.query, "mode": result.mode, "embed_ms": result.embed_ms,
+                          "search_ms": result.search_ms, "hits": [asdict(h) for h in result.hits],
+                          "facets": result.facets}, indent=2))
     else:
         print(format_table(result))
     return 0

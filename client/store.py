@@ -16,6 +16,8 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from core.preprocess import product_text
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_URI = os.environ.get("MILVUS_URI", "runs/milvus.db")
@@ -31,6 +33,14 @@ SCALARS: dict[str, int | None] = {
 }
 OUTPUT_FIELDS = list(SCALARS)
 ID_MAX_LENGTH = 256
+# Lexical search: Milvus's own BM25 over the product text (title + description), next to the vector.
+TEXT = "text"  # what BM25 reads: core.preprocess.product_text
+TEXT_MAX_LENGTH = 2048
+SPARSE = "text_bm25"  # filled by Milvus from TEXT (a BM25 function): never written by the client
+# The standard analyzer splits "EF-503L-1AVDF" into ef / 503l / 1avdf, in the catalog and in the
+# query alike: 100% of the code and rare-name sets at rank 1, against 7% (codes) for whitespace +
+# lowercase (bench/results/hybrid.md).
+ANALYZER = {"type": "standard"}
 INDEX_PARAMS = {"AUTOINDEX": {}, "FLAT": {}, "IVF_FLAT": {"nlist": 256}, "HNSW": {"M": 16, "efConstruction": 200}}
 SEARCH_PARAMS = {"AUTOINDEX": {}, "FLAT": {}, "IVF_FLAT": {"nprobe": 32}, "HNSW": {"ef": 64}}
 
@@ -126,8 +136,34 @@ def ensure_collection(client, dim: int, collection: str = COLLECTION, index_type
             schema.add_field(name, DataType.VARCHAR, max_length=length)
     index = client.prepare_index_params()
     index.add_index(VECTOR, index_type=index_type, metric_type=metric, params=INDEX_PARAMS[index_type])
-    client.create_collection(collection, schema=schema, index_params=index)
+    try:
+        client.create_collection(collection, schema=_with_lexical(schema), index_params=_with_lexical_index(index))
+    except Exception as exc:  # a Milvus before 2.5: no analyzers, no BM25 function
+        logger.warning("this Milvus has no BM25 full-text search (%s: %s); collection %s is dense-only, and "
+                       "lexical and hybrid search fall back to dense", type(exc).__name__, str(exc)[:120], collection)
+        client.create_collection(collection, schema=schema, index_params=index)
     logger.info("created collection %s (%d-d, %s, %s)", collection, dim, index_type, metric)
+
+
+def _with_lexical(schema):
+    from pymilvus import DataType, Function, FunctionType
+
+    schema.add_field(TEXT, DataType.VARCHAR, max_length=TEXT_MAX_LENGTH, enable_analyzer=True,
+                     analyzer_params=ANALYZER)
+    schema.add_field(SPARSE, DataType.SPARSE_FLOAT_VECTOR)
+    schema.add_function(Function(name="text_bm25", function_type=FunctionType.BM25, input_field_names=[TEXT],
+                                 output_field_names=[SPARSE]))
+    return schema
+
+
+def _with_lexical_index(index):
+    index.add_index(SPARSE, index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
+    return index
+
+
+def has_lexical(client, collection: str = COLLECTION) -> bool:
+    """Whether the collection holds the BM25 field (collections made before it did not)."""
+    return any(f["name"] == SPARSE for f in client.describe_collection(collection)["fields"])
 
 
 def _clip(value: str, length: int) -> str:
@@ -135,8 +171,11 @@ def _clip(value: str, length: int) -> str:
     return encoded.decode("utf-8", errors="ignore")
 
 
-def make_row(product: Mapping, vector: Sequence[float]) -> dict:
+def make_row(product: Mapping, vector: Sequence[float], lexical: bool = True) -> dict:
+    """A collection row; `lexical` adds the text BM25 reads (a collection without the field refuses it)."""
     row = {ID: str(product[ID])[:ID_MAX_LENGTH], VECTOR: [float(x) for x in vector]}
+    if lexical:
+        row[TEXT] = _clip(product_text(product.get("title"), product.get("description")), TEXT_MAX_LENGTH)
     for name, length in SCALARS.items():
         value = product.get(name)
         if length is None:
@@ -163,13 +202,15 @@ def existing_ids(client, ids: Iterable[str], collection: str = COLLECTION, chunk
     found: set[str] = set()
     for start in range(0, len(ids), chunk):
         part = ids[start:start + chunk]
-        rows = client.get(collection, ids=part, output_fields=[ID])
+        rows = client.get(collection, ids=part, output_fields=[ID], consistency_level="Strong")
         found.update(r[ID] for r in rows)
     return found
 
 
 def count(client, collection: str = COLLECTION) -> int:
-    return int(client.query(collection, filter="", output_fields=["count(*)"])[0]["count(*)"])
+    """Rows in the collection, read with strong consistency: a Milvus server counts what was just written."""
+    rows = client.query(collection, filter="", output_fields=["count(*)"], consistency_level="Strong")
+    return int(rows[0]["count(*)"])
 
 
 def _literal(value) -> str:
@@ -217,4 +258,17 @@ def search(client, vectors: Sequence[Sequence[float]], k: int = 10, collection: 
     results = client.search(collection, data=[list(map(float, v)) for v in vectors], anns_field=VECTOR,
                             limit=k, search_params=params, filter=expression, output_fields=OUTPUT_FIELDS,
                             timeout=timeout_s)
+    return [[Hit(str(h["id"]), float(h["distance"]), dict(h["entity"])) for h in hits] for hits in results]
+
+
+def lexical_search(client, texts: Sequence[str], k: int = 10, collection: str = COLLECTION,
+                   expression: str = "", timeout_s: float | None = None) -> list[list[Hit]]:
+    """Top-k products per query text by BM25 over the product text, best first (score = BM25).
+
+    The text is data, never expression syntax. A text with no searchable token (only punctuation,
+    say) finds nothing.
+    """
+    results = client.search(collection, data=[t[:TEXT_MAX_LENGTH] for t in texts], anns_field=SPARSE, limit=k,
+                            search_params={"metric_type": "BM25"}, filter=expression,
+                            output_fields=OUTPUT_FIELDS, timeout=timeout_s)
     return [[Hit(str(h["id"]), float(h["distance"]), dict(h["entity"])) for h in hits] for hits in results]

@@ -43,7 +43,7 @@ step "4/6 index $CATALOG into Milvus ($MILVUS_URI) through product_encoder"
 $PY client/index.py --catalog "$CATALOG" --milvus-uri "$MILVUS_URI" "${limit_args[@]}"
 
 step "5/6 search"
-for query in "red kurta for women" "men's black leather wallet" "white running shoes" "blue denim jeans"; do
+for query in "red kurta for women" "men's black leather wallet" "white running shoes" "PL13090JS-28E"; do
     $PY client/search.py "$query" -k 5 --milvus-uri "$MILVUS_URI"
     echo
 done
@@ -69,7 +69,11 @@ if [ -n "$example" ]; then
     $PY client/search.py --image runs/example_query.jpg -k 5 --milvus-uri "$MILVUS_URI"
 fi
 
-step "6/6 quality of the served system: the committed evaluation set through Triton + Milvus"
+step "6/6 quality of the served system: the committed evaluation sets through Triton + Milvus (hybrid search)"
 $PY client/evaluate.py --catalog "$CATALOG" --milvus-uri "$MILVUS_URI" --json runs/served_eval.json
+for set in codes names; do  # exact-match sets: model codes and rare product names
+    $PY client/evaluate.py --queries "training/eval_sets/fashion-$set.jsonl" --milvus-uri "$MILVUS_URI" \
+        --json "runs/served_eval_$set.json" | tail -n 1
+done
 echo
 echo "search page: \`make page\` (or scripts/page.sh), then open http://127.0.0.1:${PORT:-8080}/"

@@ -109,6 +109,22 @@ def test_dependencies_down_answer_fast_with_a_status(milvus_path, catalog_path, 
     assert "<form" in client.get("/").text  # the page itself still loads
 
 
+def test_hybrid_search_api_with_modes_facets_and_hostile_text(api):
+    body = api.get("/api/search", params={"q": "blue shirt", "k": 5}).json()
+    assert body["mode"] == "hybrid" and body["notice"] == "" and len(body["hits"]) == 5
+    colours = body["facets"]["base_colour"]
+    assert colours and all(c["count"] >= 1 for c in colours)
+    value = colours[0]["value"]
+    narrowed = api.get("/api/search", params={"q": "blue shirt", "colour": value, "mode": "lexical"}).json()
+    assert narrowed["mode"] == "lexical" and {h["fields"]["base_colour"] for h in narrowed["hits"]} <= {value}
+    assert api.get("/api/search", params={"q": "shirt", "mode": "fuzzy"}).status_code == 422
+    for text in ['red" or 1==1', "shoes AND (nike OR puma) -adidas", "😀🔥", "!!!", "ñandú", "{0} %s"]:
+        response = api.get("/api/search", params={"q": text, "k": 3})
+        assert response.status_code == 200, (text, response.text)
+    long = api.get("/api/search", params={"q": "x" * 10_000})
+    assert long.status_code == 400 and "too long" in long.json()["error"]
+
+
 def test_an_oversized_body_is_refused_before_it_is_read(api):
     def chunks():  # no Content-Length: the limit must hold as the bytes stream in
         for _ in range(64):
@@ -263,6 +279,15 @@ def test_page_end_to_end_in_headless_chromium(served_page, products, tmp_path):
         titles = page.locator(".card .title").all_inner_texts()
         assert products.title[5] in titles[:3]
         page.screenshot(path=str(tmp_path / "text_search.png"))
+
+        colour = page.locator('.facet[data-field="colour"]').first  # a click on a facet filters by it
+        value = colour.inner_text().rsplit(" (", 1)[0]
+        colour.click()
+        page.wait_for_function(f"document.querySelector('input[name=colour]').value === {value!r}")
+        page.wait_for_selector('#summary >> text=results for')
+        page.wait_for_function(
+            f"[...document.querySelectorAll('.card .meta')].every(m => m.textContent.includes({value!r}))")
+        page.fill('input[name="colour"]', "")
 
         page.set_input_files("#file", str(photo))
         page.wait_for_selector('#summary >> text=results for "query.jpg"')

@@ -20,6 +20,7 @@ from client import store
 from client.encoder import EncoderFault, EncoderUnavailable, EncodingError, TritonEncoder
 from client.index import Indexer
 from core.catalog import read_catalog
+from core.specs import PRODUCT_ENCODER
 from export.serve import TritonServer, free_port
 
 pytestmark = pytest.mark.server
@@ -37,8 +38,9 @@ def _kill_when(server: TritonServer, inferences: int) -> threading.Thread:
 
     def watch():
         client = http.InferenceServerClient(server.http_url)
-        while True:
-            stats = client.get_inference_statistics("product_encoder")["model_stats"][0]
+        deadline = time.monotonic() + 300  # the indexer's own failure then ends the test
+        while time.monotonic() < deadline:
+            stats = client.get_inference_statistics(PRODUCT_ENCODER)["model_stats"][0]
             if stats["inference_count"] >= inferences:
                 os.killpg(server.process.pid, signal.SIGKILL)
                 return

@@ -162,7 +162,7 @@ def test_served_evaluation_agrees_with_the_in_process_one(triton, milvus, milvus
     queries.write_text("".join(json.dumps(x) + "\n" for x in lines))
 
     served = evaluate_served(TritonEncoder(triton.grpc_url, "grpc"), milvus, queries, str(catalog_path),
-                             collection="products")
+                             collection="products", mode="dense")  # the in-process evaluation is dense
     local = evaluate(tiny_checkpoint, QuerySet.load(queries), str(catalog_path), corpus_limit=N,
                      cache_dir=str(tmp_path))
     assert served["products"] == N
@@ -175,7 +175,7 @@ def test_served_evaluation_agrees_with_the_in_process_one(triton, milvus, milvus
     assert served["metrics"]["image"]["ndcg@10"] > 0.3  # 0.5-0.6 here; the own product does not count
 
     code = evaluate_main(["--queries", str(queries), "--catalog", str(catalog_path), "--triton-url", triton.grpc_url,
-                          "--milvus-uri", milvus_path, "--collection", "products",
+                          "--milvus-uri", milvus_path, "--collection", "products", "--mode", "dense",
                           "--json", str(tmp_path / "served.json")])
-    assert code == 0 and "| served (300 products) | text |" in capsys.readouterr().out
+    assert code == 0 and "| served (300 products, dense) | text |" in capsys.readouterr().out
     assert json.loads((tmp_path / "served.json").read_text())["metrics"]["text"]["queries"] == 60

@@ -170,7 +170,7 @@ class ProductSearchModel(nn.Module):
         """An image part (B, P) as a query (B, D): where a shopper's photo lands in the product space."""
         ones = torch.ones(image.shape[0], dtype=image.dtype, device=image.device)
         if self.cfg.image_query == "image":
-            return self.fuse(image, image, ones, ones)
+            return self.fuse(self.cfg.image_query_text_weight * image, image, ones, ones)
         return self.fuse(torch.zeros_like(image), image, ones - 1, ones)
 
     def encode_product(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,

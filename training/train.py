@@ -29,6 +29,7 @@ from core.catalog import DEFAULT_CATALOG, ColumnMap, read_catalog
 from core.metrics import rank, retrieval_metrics, without_query_products
 from core.queries import Query, generate_queries, generate_query, look, relevant_ids
 
+from .calibrate import MIN_OWN_AT_1, calibrate
 from .data import ProductSet, build_product_set, split_indices
 from .encode import embed_image_queries, embed_products, embed_queries, pixel_tensor, tokenize
 from .factory import create_model, create_tokenizer, get_model_config, list_models, preprocess_config, save_checkpoint
@@ -385,9 +386,12 @@ def train(cfg: TrainCfg, columns: ColumnMap | None = None) -> Path:
         history.append({"step": 0, "epoch": 0, **metrics})
         logger.info("untrained: %s", _fmt(metrics))
 
+    calibration: dict = {}
+
     def save(finished: bool = False) -> None:
         save_checkpoint(model, tokenizer, out, train_cfg=asdict(cfg), history=history,
-                        catalog_report=report.summary())
+                        catalog_report=report.summary(),
+                        **({"image_query_calibration": calibration} if calibration else {}))
         tmp = state_file.with_suffix(".tmp")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "heads": heads.state_dict() if heads is not None else None,
@@ -441,6 +445,14 @@ def train(cfg: TrainCfg, columns: ColumnMap | None = None) -> Path:
         if epoch_end or step % cfg.save_every == 0:
             save(finished=step == scheduled)
     bar.close()
+    if step == scheduled and model.cfg.multimodal and model.cfg.image_query == "image":
+        # How a photo becomes a query: chosen on the held-out products, no weight depends on it.
+        chosen, rows = calibrate(model, tokenizer, products, val_idx, image_cfg)
+        model.cfg.image_query_text_weight = chosen
+        calibration.update({"chosen": chosen, "min_own_at_1": MIN_OWN_AT_1, "rows": rows})
+        logger.info("image query text weight %.2f (own@1 / nDCG@10 per weight: %s)", chosen,
+                    ", ".join(f"{r['weight']}: {r['own@1']:.3f} / {r['ndcg@10']:.3f}" for r in rows))
+        save(finished=True)
     if not state_file.is_file():
         save(finished=step == scheduled)
     return out

@@ -1,0 +1,106 @@
+"""Calibrate how a photo becomes a query, on held-out products, and record it in the checkpoint.
+
+    python -m training.calibrate --checkpoint runs/mm3-concat
+
+A photo query is fuse(w * image part, image part) ("image" mode, see ModelCfg.image_query): the
+image part in the text slot lets a photo match products whose *text* names what it shows, and
+w sets how much. No trained weight depends on w, so it is chosen after training, on the held-out
+products of the training split, by two measures a shopper notices:
+  own@1    the photo's own product ranks first (a shopper photographs what they want to re-buy)
+  nDCG@10  the other products of the photo's article type and colour come next (similar items)
+The chosen w is the one with the best nDCG@10 among those keeping own@1 >= MIN_OWN_AT_1.
+train.py runs this at the end of every multimodal run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core.catalog import DEFAULT_CATALOG, read_catalog
+from core.metrics import rank, retrieval_metrics, without_query_products
+from core.preprocess import normalize_pixels
+from core.queries import look
+
+from .data import ProductSet, build_product_set, split_indices
+from .encode import embed_products
+from .factory import CONFIG_FILE, create_model, create_tokenizer, load_checkpoint_config
+from .model import ProductSearchModel
+
+logger = logging.getLogger(__name__)
+WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+MIN_OWN_AT_1 = 0.75
+
+
+@torch.no_grad()
+def calibrate(model: ProductSearchModel, tokenizer, products: ProductSet, indices: np.ndarray,
+              image_cfg: dict) -> tuple[float, list[dict]]:
+    """(chosen weight, one row of measures per weight) on the products `indices` (held out)."""
+    model.eval()
+    ids = [products.ids[i] for i in indices]
+    product_emb = embed_products(model, tokenizer, products, image_cfg, indices)
+    photos = indices[products.has_image[indices]]
+    by_look: dict[tuple[str, str], list[str]] = {}
+    for i in indices:
+        by_look.setdefault(look(products.attrs[i]), []).append(products.ids[i])
+    image = torch.cat([model.encode_image(torch.from_numpy(normalize_pixels(products.pixels[photos[s:s + 256]],
+                                                                            image_cfg)))
+                       for s in range(0, len(photos), 256)])
+    photo_ids = [products.ids[i] for i in photos]
+    rows = []
+    for w in WEIGHTS:
+        ones = torch.ones(len(photos))
+        queries = model.fuse(w * image, image, ones, ones).numpy()
+        ranked = rank(queries, product_emb, ids, k=101)
+        own = float(np.mean([r[0] == pid for r, pid in zip(ranked, photo_ids)]))
+        others, relevant = without_query_products(ranked, [by_look[look(products.attrs[i])] for i in photos],
+                                                  photo_ids)
+        metrics = retrieval_metrics(others, relevant)
+        rows.append({"weight": w, "own@1": own, "ndcg@10": metrics["ndcg@10"], "recall@100": metrics["recall@100"]})
+    eligible = [r for r in rows if r["own@1"] >= MIN_OWN_AT_1] or rows
+    chosen = max(eligible, key=lambda r: r["ndcg@10"])["weight"]
+    return chosen, rows
+
+
+def calibrate_checkpoint(checkpoint: str | Path, catalog: str = DEFAULT_CATALOG, cache_dir: str = "cache") -> dict:
+    """Calibrate a saved checkpoint on its own held-out split and write the weight into its config."""
+    checkpoint = Path(checkpoint)
+    config = load_checkpoint_config(checkpoint)
+    train_cfg = config.get("train_cfg", {})
+    model, tokenizer = create_model(checkpoint), create_tokenizer(checkpoint)
+    if not model.cfg.multimodal or model.cfg.image_query != "image":
+        raise ValueError(f"{checkpoint}: only multimodal models with image_query 'image' take a text weight")
+    image_cfg = config["preprocess_cfg"]["image"]
+    df, report = read_catalog(train_cfg.get("catalog", catalog), limit=train_cfg.get("limit") or None)
+    products = build_product_set(df, image_cfg, report, cache_dir)
+    _, held_out = split_indices(products.ids, train_cfg.get("val_fraction", 0.05), train_cfg.get("seed", 0))
+    chosen, rows = calibrate(model, tokenizer, products, held_out, image_cfg)
+    config["model_cfg"]["image_query_text_weight"] = chosen
+    config["image_query_calibration"] = {"chosen": chosen, "min_own_at_1": MIN_OWN_AT_1, "rows": rows}
+    tmp = checkpoint / (CONFIG_FILE + ".tmp")
+    tmp.write_text(json.dumps(config, indent=2) + "\n")
+    tmp.replace(checkpoint / CONFIG_FILE)
+    for row in rows:
+        logger.info("image query text weight %.2f: own@1 %.3f, nDCG@10 %.3f, R@100 %.3f%s", row["weight"],
+                    row["own@1"], row["ndcg@10"], row["recall@100"], "  <- chosen" if row["weight"] == chosen else "")
+    return config["image_query_calibration"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    p = argparse.ArgumentParser(prog="python -m training.calibrate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (its config.json is updated)")
+    p.add_argument("--catalog", default=DEFAULT_CATALOG, help="catalog, when the checkpoint does not name one")
+    p.add_argument("--cache-dir", default="cache", help="where decoded catalog images are cached")
+    args = p.parse_args(argv)
+    calibrate_checkpoint(args.checkpoint, args.catalog, args.cache_dir)
+
+
+if __name__ == "__main__":
+    main()
