@@ -25,6 +25,7 @@ bench: setup system-deps
 	$(PY) bench/serving.py --checkpoint runs/mm3-concat --model-repository model_repository
 	$(PY) bench/perf.py --model-repository model_repository
 	$(PY) bench/milvus_search.py --milvus-uri runs/milvus.db --model-repository model_repository
+	$(PY) bench/hybrid.py --milvus-uri runs/milvus.db
 
 lint: setup
 	.venv/bin/ruff check .

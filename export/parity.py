@@ -83,9 +83,7 @@ def torch_reference(model: ProductSearchModel, tokenizer, rows: Rows, image_cfg:
                                            text_mask=text_mask, image_mask=image_mask).numpy()
     with_image = [b for b in rows.images if b]
     image_pixels = torch.from_numpy(np.stack([image_to_pixels(b, image_cfg) for b in with_image]))
-    n = len(with_image)
-    image = model.encode_image(image_pixels)
-    out["images"] = model.fuse(torch.zeros_like(image), image, torch.zeros(n), torch.ones(n)).numpy()
+    out["images"] = model.encode_image_query(model.encode_image(image_pixels)).numpy()
     return out
 
 

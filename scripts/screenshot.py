@@ -2,6 +2,7 @@
 
     make page &   # or python client/app.py ...
     .venv/bin/python scripts/screenshot.py --query "red kurta for women" --out docs/search_page.png
+    .venv/bin/python scripts/screenshot.py --image runs/query_photo.jpg --out docs/photo_search.png
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", default="http://127.0.0.1:8080", help="the running search page")
     p.add_argument("--query", default="red kurta for women", help="what to search for")
+    p.add_argument("--image", default="", help="search with this photo instead of --query")
     p.add_argument("--gender", default="", help="optional gender filter")
     p.add_argument("--out", default="docs/search_page.png", help="PNG to write")
     args = p.parse_args()
@@ -25,10 +27,13 @@ def main() -> None:
         page = browser.new_page(viewport={"width": 1280, "height": 860})
         page.goto(args.url)
         page.wait_for_selector("#status >> text=triton: ok")
-        page.fill("#q", args.query)
         if args.gender:
             page.select_option("select[name=gender]", args.gender)
-        page.click("button[type=submit]")
+        if args.image:
+            page.set_input_files("#file", args.image)
+        else:
+            page.fill("#q", args.query)
+            page.click("button[type=submit]")
         page.wait_for_selector(".card")
         page.wait_for_function(
             "[...document.querySelectorAll('.card img')].every(i => i.complete && i.naturalWidth > 0)")

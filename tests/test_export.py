@@ -24,6 +24,8 @@ def test_fp32_graphs_match_pytorch_on_real_rows(tiny_repository):
     variants = report["variants"]
     assert variants["fp32"]["mean_cosine"] > 0.9999 and variants["fp32"]["top10_overlap"] > 0.99
     assert variants["optimized"]["mean_cosine"] > 0.9999
+    for name in ("fp32", "optimized"):  # the photo-query path too, end to end against PyTorch
+        assert variants[name]["image_mean_cosine"] > 0.9999, name
     int8 = variants["int8"]
     assert int8["mean_cosine"] < variants["optimized"]["mean_cosine"]  # measured, and lossy
     # The bound the README states is the one export applies: INT8 serves on CPU only when it holds.
