@@ -71,6 +71,7 @@ class Backend:
         self.milvus_uri, self.collection = milvus_uri, collection
         self.credentials = milvus_credentials
         self._lock = threading.Lock()
+        self._connect_lock = threading.Lock()
         self._generation = 0  # bumped by reset(): thread-local clients of older generations are remade
         self._milvus = None
         self._local = threading.local()
@@ -80,16 +81,16 @@ class Backend:
 
     def _milvus_client(self):
         with self._lock:
-            client = self._milvus
-        if client is None:
+            if self._milvus is not None:
+                return self._milvus
+        with self._connect_lock:  # one thread connects (bounded by the timeout); the others reuse it
+            with self._lock:
+                if self._milvus is not None:
+                    return self._milvus
             client = store.connect(self.milvus_uri, *self.credentials, timeout_s=self.timeout_s)
             with self._lock:
-                if self._milvus is None:
-                    self._milvus = client
-                elif self._milvus is not client:
-                    client.close()
-                    client = self._milvus
-        return client
+                self._milvus = client
+            return client
 
     def searcher(self) -> Searcher:
         local = self._local
@@ -218,10 +219,6 @@ def _filters(**values) -> str:
         raise ApiError(400, str(exc)) from None
 
 
-class _TooLarge(Exception):
-    pass
-
-
 class BodyLimit:
     """ASGI middleware: a request body over `limit` bytes gets a 413 before it is spooled anywhere, by its
     Content-Length when it declares one, else as soon as the streamed bytes pass the limit."""
@@ -242,27 +239,30 @@ class BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await self._refuse(send)
-        received, started = 0, False
+        received, started, refused = 0, False, False
 
         async def limited_receive():
-            nonlocal received
+            nonlocal received, refused
             message = await receive()
-            if message["type"] == "http.request":
+            if message["type"] == "http.request" and not refused:
                 received += len(message.get("body", b""))
                 if received > self.limit:
-                    raise _TooLarge
+                    # Answer now and tell the app the client left: it stops reading, and whatever it
+                    # answers to that is dropped below.
+                    refused = True
+                    if not started:
+                        await self._refuse(send)
+                    return {"type": "http.disconnect"}
             return message
 
         async def tracking_send(message):
             nonlocal started
+            if refused:
+                return
             started = started or message["type"] == "http.response.start"
             await send(message)
 
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
-            if not started:
-                await self._refuse(send)
+        await self.app(scope, limited_receive, tracking_send)
 
 
 def create_app(backend: Backend, images: CatalogImages, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import re
+import uuid
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -84,7 +85,10 @@ def connect(uri: str = DEFAULT_URI, token: str | None = None, user: str | None =
     if is_local:
         os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
     try:
-        return MilvusClient(uri=uri, token=token, user=user, password=password, timeout=timeout_s)
+        # Its own connection alias: pymilvus otherwise shares one per URI, and closing any client
+        # would close the connection under every other client of that URI in the process.
+        return MilvusClient(uri=uri, token=token, user=user, password=password, timeout=timeout_s,
+                            alias=f"mmsearch-{uuid.uuid4().hex}")
     except Exception as exc:  # never echo the credentials
         raise StoreError(f"cannot connect to Milvus at {uri}: {type(exc).__name__}: "
                          f"{str(exc).replace(password, '***') if password else exc}") from None

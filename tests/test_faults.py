@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -140,14 +141,19 @@ def test_reloading_a_model_under_load_fails_no_query(tiny_repository, tmp_path):
         for t in threads:
             t.start()
         served_at_least(20)
-        for model in ("query_tower", "query_encoder"):
-            admin.load_model(model, headers={"admin-key": "s3cret"})  # reload in place
+        key = {"admin-key": "s3cret"}
+        for model in ("query_tower", "query_encoder"):  # a config given with the load forces a real reload
+            config = admin.get_model_config(model, headers=key)
+            admin.load_model(model, headers=key, config=json.dumps(config))
+        deadline = time.monotonic() + 60
+        while server.log_file.read_text().count(loaded) < loads_before + 1:  # the reload did happen
+            assert time.monotonic() < deadline, "no second 'successfully loaded' in the log within 60 s"
+            time.sleep(0.05)
         served_at_least(done[0] + 20)  # and queries keep flowing after it
         stop.set()
         for t in threads:
             t.join()
         assert not errors, errors[:3]
-        assert server.log_file.read_text().count(loaded) == loads_before + 1  # the reload did happen
         assert admin.is_model_ready("query_encoder")
     finally:
         server.stop()

@@ -9,40 +9,53 @@ from client.encoder import TritonEncoder
 from client.fusion import facet_counts, fuse, lexical_confidence
 from client.index import Indexer
 from client.search import Searcher, filter_expression
-from core.catalog import read_catalog
-from tests.conftest import N_INDEXED as N
 from training.make_lexical_sets import CODE
 
 pytestmark = pytest.mark.server
 
 
 @pytest.fixture(scope="module")
-def searcher(triton, milvus, indexed):
-    return Searcher(TritonEncoder(triton.grpc_url, "grpc"), milvus, "products")
+def catalog_with_codes(catalog_path, tmp_path_factory) -> tuple:
+    """Real products: the first 200 of the catalog and 40 whose titles hold a model code."""
+    import pandas as pd
+
+    df = pd.read_parquet(catalog_path)
+    with_code = df[df["title"].str.lower().str.split().map(lambda ws: any(CODE.match(w) for w in ws))]
+    subset = pd.concat([df.iloc[:200], with_code.iloc[:40]]).drop_duplicates("product_id")
+    path = tmp_path_factory.mktemp("hybrid") / "catalog.parquet"
+    subset.to_parquet(path)
+    holders: dict[str, list[str]] = {}
+    for pid, title in zip(subset["product_id"].astype(str), subset["title"]):
+        for token in {w for w in title.lower().split() if CODE.match(w)}:
+            holders.setdefault(token, []).append(pid)
+    return path, sorted(holders.items())
 
 
 @pytest.fixture(scope="module")
-def codes(catalog_path) -> list[tuple[str, str]]:
+def searcher(triton, catalog_with_codes, tmp_path_factory):
+    client = store.connect(str(tmp_path_factory.mktemp("hybrid_db") / "hybrid.db"))
+    Indexer(triton.grpc_url, "grpc", client, "products").run(str(catalog_with_codes[0]))
+    yield Searcher(TritonEncoder(triton.grpc_url, "grpc"), client, "products")
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def codes(catalog_with_codes) -> list[tuple[str, list[str]]]:
     """(model code, product ids whose title holds it) among the indexed products."""
-    df, _ = read_catalog(catalog_path, limit=N)
-    holders: dict[str, list[str]] = {}
-    for pid, title in zip(df["product_id"], df["title"]):
-        for token in {w for w in title.lower().split() if CODE.match(w)}:
-            holders.setdefault(token, []).append(pid)
-    return sorted(holders.items())
+    return catalog_with_codes[1]
 
 
 def test_a_model_code_finds_its_product_first(searcher, codes):
-    assert len(codes) >= 5
+    assert len(codes) >= 30
     first = {mode: sum(searcher.search(code, k=5, mode=mode).hits[0].product_id in pids for code, pids in codes)
              for mode in ("hybrid", "lexical", "dense")}
     assert first["lexical"] == len(codes)
     assert first["hybrid"] >= 0.9 * len(codes) and first["hybrid"] > first["dense"], first
 
 
-def test_collection_holds_bm25_text_and_searches_report_their_mode(searcher, milvus):
-    assert store.has_lexical(milvus, "products")
-    row = milvus.query("products", filter="", output_fields=[store.TEXT], limit=1)[0]
+def test_collection_holds_bm25_text_and_searches_report_their_mode(searcher):
+    assert store.has_lexical(searcher.client, "products")
+    row = searcher.client.query("products", filter="", output_fields=[store.TEXT], limit=1)[0]
     assert row[store.TEXT]  # the text BM25 reads, written by the indexer
     assert searcher.search("white running shoes", k=3).mode == "hybrid"
     assert searcher.search("white running shoes", k=3, mode="lexical").embed_ms < 1.0  # no Triton call

@@ -3,13 +3,13 @@ import torch
 import torch.nn.functional as F
 
 from training.config import ModelCfg
-from training.factory import create_model, create_tokenizer, get_model_config, list_models
+from training.factory import create_model, create_tokenizer, get_model_config, list_models, preprocess_config
 
 
 def _inputs(model, tokenizer, n=3):
     texts = ["Puma Men's Black T-shirt", "women's red kurta", "Titan Women Silver Watch"][:n]
     batch = tokenizer(texts, padding=True, return_tensors="pt")
-    size = model.image_encoder.image_size[0] if model.cfg.multimodal else 0
+    size = preprocess_config(model.cfg)["image"]["image_size"] if model.cfg.multimodal else 0
     return batch["input_ids"], batch["attention_mask"], torch.randn(n, 3, size, size) if size else None
 
 
