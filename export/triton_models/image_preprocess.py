@@ -1,6 +1,6 @@
 """Triton Python model: encoded image (BYTES: JPEG/PNG/WebP...) -> pixel_values (FP32, 3xSxS), image_mask.
 
-Resize and normalization are training/preprocess.py itself, copied here by export, with the
+Resize and normalization are core/preprocess.py itself, copied here by export, with the
 checkpoint's preprocess_cfg. An undecodable, oversized or (where not allowed) empty image is an
 error for its own request only; the other requests of the batch are served.
 Parameters: preprocess_cfg (JSON), max_pixels, max_bytes, allow_missing ("true": an empty image

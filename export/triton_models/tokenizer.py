@@ -26,7 +26,7 @@ class TextInputs:
 
     def __init__(self, here: str, params: dict, pad_to_longest: bool = False):
         sys.path.insert(0, here)
-        import preprocess  # training/preprocess.py, copied here by export
+        import preprocess  # core/preprocess.py, copied here by export
 
         self.pre = preprocess
         self.names = params["text_inputs"].split(",")
