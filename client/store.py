@@ -118,7 +118,6 @@ def collection_metric(client, collection: str = COLLECTION) -> str:
 def ensure_collection(client, dim: int, collection: str = COLLECTION, index_type: str = "AUTOINDEX",
                       metric: str = METRIC) -> None:
     """Create the collection (schema + vector index) unless it exists with the same dimension."""
-    from pymilvus import DataType
 
     existing = collection_dim(client, collection)
     if existing is not None:
@@ -131,6 +130,32 @@ def ensure_collection(client, dim: int, collection: str = COLLECTION, index_type
     if index_type not in INDEX_PARAMS:
         raise StoreError(f"unknown index type {index_type!r}: expected one of {list(INDEX_PARAMS)}")
     schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
+    _dense_fields(schema, dim)
+    index = client.prepare_index_params()
+    index.add_index(VECTOR, index_type=index_type, metric_type=metric, params=INDEX_PARAMS[index_type])
+    pymilvus_log = logging.getLogger("pymilvus")
+    level = pymilvus_log.level
+    pymilvus_log.setLevel(logging.CRITICAL)  # its own ERROR lines for the refusal below: ours says it once
+    try:
+        client.create_collection(collection, schema=_with_lexical(schema), index_params=_with_lexical_index(index))
+    except Exception as exc:  # a Milvus before 2.5: no analyzers, no BM25 function
+        logger.warning("this Milvus has no BM25 full-text search (%s: %s); collection %s is dense-only, and "
+                       "lexical and hybrid search fall back to dense", type(exc).__name__, str(exc)[:120], collection)
+        if client.has_collection(collection):  # Milvus 2.3 creates the collection, then refuses its index
+            client.drop_collection(collection)
+        schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
+        _dense_fields(schema, dim)
+        index = client.prepare_index_params()
+        index.add_index(VECTOR, index_type=index_type, metric_type=metric, params=INDEX_PARAMS[index_type])
+        client.create_collection(collection, schema=schema, index_params=index)
+    finally:
+        pymilvus_log.setLevel(level)
+    logger.info("created collection %s (%d-d, %s, %s)", collection, dim, index_type, metric)
+
+
+def _dense_fields(schema, dim: int) -> None:
+    from pymilvus import DataType
+
     schema.add_field(ID, DataType.VARCHAR, is_primary=True, max_length=ID_MAX_LENGTH)
     schema.add_field(VECTOR, DataType.FLOAT_VECTOR, dim=dim)
     for name, length in SCALARS.items():
@@ -138,15 +163,6 @@ def ensure_collection(client, dim: int, collection: str = COLLECTION, index_type
             schema.add_field(name, DataType.FLOAT)
         else:
             schema.add_field(name, DataType.VARCHAR, max_length=length)
-    index = client.prepare_index_params()
-    index.add_index(VECTOR, index_type=index_type, metric_type=metric, params=INDEX_PARAMS[index_type])
-    try:
-        client.create_collection(collection, schema=_with_lexical(schema), index_params=_with_lexical_index(index))
-    except Exception as exc:  # a Milvus before 2.5: no analyzers, no BM25 function
-        logger.warning("this Milvus has no BM25 full-text search (%s: %s); collection %s is dense-only, and "
-                       "lexical and hybrid search fall back to dense", type(exc).__name__, str(exc)[:120], collection)
-        client.create_collection(collection, schema=schema, index_params=index)
-    logger.info("created collection %s (%d-d, %s, %s)", collection, dim, index_type, metric)
 
 
 def _with_lexical(schema):
