@@ -110,7 +110,7 @@ class TritonEncoder:
                 raise self._unavailable(f"no config for model {QUERY_ENCODER!r} ({exc})") from None
             config = config.get("config", config)  # gRPC wraps it, HTTP does not
             value = config.get("parameters", {}).get("fingerprint", {}).get("string_value", "")
-            self._metadata["fingerprint"] = value or "unknown"
+            self._metadata["fingerprint"] = value or "unknown"  # a repository exported before fingerprints
         return self._metadata["fingerprint"]
 
     @property

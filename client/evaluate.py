@@ -43,6 +43,7 @@ def evaluate_served(encoder: TritonEncoder, client, queries: Path, catalog: str 
                     columns: ColumnMap | None = None, collection: str = store.COLLECTION,
                     batch_size: int = 32, mode: str = "hybrid") -> dict:
     qs = QuerySet.load(queries)
+    store.check_model(client, collection, encoder.fingerprint)
     index = store.collection_index(client, collection)
     client.load_collection(collection)
     k = max(KS)

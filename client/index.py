@@ -114,7 +114,8 @@ class Indexer:
         report.catalog_rows, report.malformed_rows = catalog_report.rows, len(catalog_report.malformed)
         encoder = self.encoder()
         encoder.check_ready([PRODUCT_ENCODER])
-        store.ensure_collection(self.client, encoder.embed_dim, self.collection, index_type, metric)
+        store.ensure_collection(self.client, encoder.embed_dim, self.collection, index_type, metric,
+                                encoder.fingerprint)
         lexical = store.has_lexical(self.client, self.collection)
         if not lexical:
             logger.warning("collection %s has no BM25 field (made before it, or by a Milvus without it): "

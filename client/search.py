@@ -68,6 +68,7 @@ class Searcher:
             raise store.StoreError(
                 f"collection {collection!r} holds {dim}-d vectors but the served model makes {encoder.embed_dim}-d "
                 "ones: it was indexed with another model. Re-index (python client/index.py --recreate).")
+        store.check_model(client, collection, encoder.fingerprint)
         # Loading the collection into memory is a one-off cost of a process (about a second at
         # 44k products with Milvus Lite); done here, it is not charged to the first search.
         self.index = store.collection_index(client, collection)  # (index type, metric)

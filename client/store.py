@@ -34,6 +34,8 @@ SCALARS: dict[str, int | None] = {
 }
 OUTPUT_FIELDS = list(SCALARS)
 ID_MAX_LENGTH = 256
+MODEL_KEY = "model_fingerprint"  # in the collection's description: which model made its vectors
+UNKNOWN = "unknown"  # what a repository exported before fingerprints reports
 # Lexical search: Milvus's own BM25 over the product text (title + description), next to the vector.
 TEXT = "text"  # what BM25 reads: core.preprocess.product_text
 TEXT_MAX_LENGTH = 2048
@@ -116,20 +118,24 @@ def collection_metric(client, collection: str = COLLECTION) -> str:
 
 
 def ensure_collection(client, dim: int, collection: str = COLLECTION, index_type: str = "AUTOINDEX",
-                      metric: str = METRIC) -> None:
-    """Create the collection (schema + vector index) unless it exists with the same dimension."""
+                      metric: str = METRIC, fingerprint: str | None = None) -> None:
+    """Create the collection (schema + vector index) unless it exists with the same dimension and model.
 
+    `fingerprint` (the served model's, see check_model) is recorded in the collection's description.
+    """
     existing = collection_dim(client, collection)
     if existing is not None:
         if existing != dim:
             raise StoreError(f"collection {collection!r} holds {existing}-d vectors but the served model makes "
                              f"{dim}-d ones: index into a new --collection, or drop it (--recreate)")
+        check_model(client, collection, fingerprint)
         return
     if metric not in METRICS:
         raise StoreError(f"unknown metric {metric!r}: expected one of {METRICS}")
     if index_type not in INDEX_PARAMS:
         raise StoreError(f"unknown index type {index_type!r}: expected one of {list(INDEX_PARAMS)}")
-    schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
+    description = json.dumps({MODEL_KEY: fingerprint}) if fingerprint and fingerprint != UNKNOWN else ""
+    schema = client.create_schema(auto_id=False, enable_dynamic_field=False, description=description)
     _dense_fields(schema, dim)
     index = client.prepare_index_params()
     index.add_index(VECTOR, index_type=index_type, metric_type=metric, params=INDEX_PARAMS[index_type])
@@ -143,7 +149,7 @@ def ensure_collection(client, dim: int, collection: str = COLLECTION, index_type
                        "lexical and hybrid search fall back to dense", type(exc).__name__, str(exc)[:120], collection)
         if client.has_collection(collection):  # Milvus 2.3 creates the collection, then refuses its index
             client.drop_collection(collection)
-        schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema = client.create_schema(auto_id=False, enable_dynamic_field=False, description=description)
         _dense_fields(schema, dim)
         index = client.prepare_index_params()
         index.add_index(VECTOR, index_type=index_type, metric_type=metric, params=INDEX_PARAMS[index_type])
@@ -151,6 +157,24 @@ def ensure_collection(client, dim: int, collection: str = COLLECTION, index_type
     finally:
         pymilvus_log.setLevel(level)
     logger.info("created collection %s (%d-d, %s, %s)", collection, dim, index_type, metric)
+
+
+def collection_model(client, collection: str = COLLECTION) -> str | None:
+    """The fingerprint of the model whose vectors the collection holds (None: not recorded, an older one)."""
+    try:
+        return json.loads(client.describe_collection(collection).get("description") or "{}").get(MODEL_KEY)
+    except ValueError:
+        return None
+
+
+def check_model(client, collection: str, fingerprint: str | None) -> None:
+    """Refuse to mix models: a query embedded by one model is meaningless against another's vectors,
+    even when both have the same dimension."""
+    recorded = collection_model(client, collection)
+    if recorded and fingerprint and fingerprint != UNKNOWN and recorded != fingerprint:
+        raise StoreError(f"collection {collection!r} holds vectors of model {recorded}, but Triton serves model "
+                         f"{fingerprint}: index the catalog into a new --collection with this model (or --recreate "
+                         "this one), or serve the model the collection was built with")
 
 
 def _dense_fields(schema, dim: int) -> None:

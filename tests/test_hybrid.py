@@ -118,3 +118,18 @@ def test_fusion_trusts_a_confident_lexical_match_and_blends_otherwise():
     assert set(blended) == set("abcdefghijkl")
     assert facet_counts([_Hit("a", 1), _Hit("b", 1), _Hit("c", 1)], ["base_colour"]) == {
         "base_colour": [("Red", 2), ("Blue", 1)]}
+
+
+def test_a_collection_of_another_model_is_refused_with_what_to_do(triton, searcher, catalog_path, tmp_path):
+    """Same dimension, other weights: searching one model's vectors with the other's queries is refused."""
+    encoder = searcher.encoder
+    assert encoder.fingerprint != "unknown"
+    assert store.collection_model(searcher.client, "products") == encoder.fingerprint  # recorded when indexed
+    client = store.connect(str(tmp_path / "other.db"))
+    store.ensure_collection(client, encoder.embed_dim, "products", fingerprint="0123456789ab-int8")
+    with pytest.raises(store.StoreError, match="new --collection"):
+        Indexer(triton.grpc_url, "grpc", client, "products").run(str(catalog_path), limit=5)
+    with pytest.raises(store.StoreError, match="serves model"):
+        Searcher(encoder, client, "products")
+    assert store.count(client, "products") == 0  # nothing of the other model was mixed in
+    client.close()
