@@ -48,21 +48,18 @@ def rrf(dense, lexical, k: int = 60) -> list[str]:
     return sorted(scores, key=lambda p: -scores[p])
 
 
-def weighted(dense, lexical, weight: float) -> list[str]:
-    best = lexical[0].score if lexical else 1.0
-    scores = {h.product_id: weight * h.score / best for h in lexical}
-    for h in dense:
-        scores[h.product_id] = scores.get(h.product_id, 0.0) + (1 - weight) * h.score
-    return sorted(scores, key=lambda p: -scores[p])
+def ids(hits) -> list[str]:
+    return [h.product_id for h in hits]
 
 
+# The collection's metric is IP (the indexer's default), so dense distances are similarities already.
 STRATEGIES = {
-    "dense": lambda d, lx: [h.product_id for h in d],
-    "lexical (BM25)": lambda d, lx: [h.product_id for h in lx],
-    "hybrid (shipped: confidence-weighted)": lambda d, lx: [h.product_id for h in fuse(d, lx)],
+    "dense": lambda d, lx: ids(d),
+    "lexical (BM25)": lambda d, lx: ids(lx),
+    "hybrid (shipped: confidence-weighted)": lambda d, lx: ids(fuse(d, lx)),
     "RRF(60)": rrf,
-    "weighted 0.3": lambda d, lx: weighted(d, lx, 0.3),
-    "weighted 0.5": lambda d, lx: weighted(d, lx, 0.5),
+    "weighted 0.3": lambda d, lx: ids(fuse(d, lx, weight=0.3)),
+    "weighted 0.5": lambda d, lx: ids(fuse(d, lx, weight=0.5)),
 }
 
 

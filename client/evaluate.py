@@ -25,7 +25,7 @@ from tqdm import tqdm  # noqa: E402
 
 from client import store  # noqa: E402
 from client.encoder import EncoderUnavailable, EncodingError, TritonEncoder  # noqa: E402
-from client.fusion import MODES, fuse  # noqa: E402
+from client.fusion import MODES, combine  # noqa: E402
 from client.index import add_connection_args  # noqa: E402
 from core.catalog import DEFAULT_CATALOG, CatalogError, ColumnMap, ImageFetcher, read_catalog  # noqa: E402
 from core.metrics import KS, format_table, retrieval_metrics, without_query_products  # noqa: E402
@@ -54,15 +54,12 @@ def evaluate_served(encoder: TritonEncoder, client, queries: Path, catalog: str 
                        collection)
         mode = "dense"
     out = {"collection": collection, "products": store.count(client, collection), "mode": mode, "metrics": {}}
-    similarity = (lambda d: 1.0 - d / 2.0) if index[1] == "L2" else float
 
     def ranked_texts(texts: list[str]) -> list[list[str]]:
         dense = ([[]] * len(texts) if mode == "lexical" else
                  store.search(client, encoder.embed_queries(texts), k, collection, index=index))
         lexical = [[]] * len(texts) if mode == "dense" else store.lexical_search(client, texts, k, collection)
-        hits = [fuse(d, lx, similarity) if mode == "hybrid" else (lx if mode == "lexical" else d)
-                for d, lx in zip(dense, lexical)]
-        return [[h.product_id for h in row[:k]] for row in hits]
+        return [[h.product_id for h in combine(mode, d, lx, index[1])[:k]] for d, lx in zip(dense, lexical)]
 
     def keep(queries_, relevant_lists):
         kept = [(q, [r for r in rel if r in indexed]) for q, rel in zip(queries_, relevant_lists)]

@@ -29,13 +29,22 @@ def lexical_confidence(lexical: Sequence[Hit]) -> float:
     return lexical[0].score / lexical[min(9, len(lexical) - 1)].score
 
 
-def fuse(dense: Sequence[Hit], lexical: Sequence[Hit], similarity: Callable[[float], float] = float) -> list[Hit]:
+def dense_similarity(metric: str) -> Callable[[float], float]:
+    """How a dense hit's Milvus distance becomes a similarity: IP and COSINE already are one; L2 is
+    squared Euclidean, 2 - 2 cos on unit vectors."""
+    return (lambda distance: 1.0 - distance / 2.0) if metric == "L2" else float
+
+
+def fuse(dense: Sequence[Hit], lexical: Sequence[Hit], similarity: Callable[[float], float] = float,
+         weight: float | None = None) -> list[Hit]:
     """One ranking from both lists: weight * bm25 / best bm25 + (1 - weight) * dense similarity.
 
-    `similarity` turns the dense list's Milvus distance into a similarity (identity for IP and
-    COSINE); a product missing from one list gets 0 from it.
+    `similarity` turns the dense list's Milvus distance into a similarity (see dense_similarity); a
+    product missing from one list gets 0 from it. `weight` None is the shipped rule (BASE_WEIGHT,
+    CONFIDENT_WEIGHT when BM25 is confident); a number fixes it (what the benchmark compares).
     """
-    weight = CONFIDENT_WEIGHT if lexical_confidence(lexical) >= CONFIDENCE_RATIO else BASE_WEIGHT
+    if weight is None:
+        weight = CONFIDENT_WEIGHT if lexical_confidence(lexical) >= CONFIDENCE_RATIO else BASE_WEIGHT
     scores: dict[str, float] = {}
     fields: dict[str, dict] = {}
     best = lexical[0].score if lexical and lexical[0].score > 0 else 1.0
@@ -47,6 +56,13 @@ def fuse(dense: Sequence[Hit], lexical: Sequence[Hit], similarity: Callable[[flo
         fields.setdefault(hit.product_id, hit.fields)
     ranked = sorted(scores.items(), key=lambda item: -item[1])
     return [Hit(pid, score, fields[pid]) for pid, score in ranked]
+
+
+def combine(mode: str, dense: Sequence[Hit], lexical: Sequence[Hit], metric: str) -> list[Hit]:
+    """The ranking a search mode returns from the two lists Milvus gave (a list the mode skips is empty)."""
+    if mode == "hybrid":
+        return fuse(dense, lexical, dense_similarity(metric))
+    return list(lexical if mode == "lexical" else dense)
 
 
 def facet_counts(hits: Sequence[Hit], names: Sequence[str] = FACETS) -> dict[str, list[tuple[str, int]]]:

@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as a script: python client/search.py
 
 from client import store
 from client.encoder import EncoderUnavailable, EncodingError, TritonEncoder
-from client.fusion import MODES, facet_counts, fuse
+from client.fusion import MODES, combine, facet_counts
 from client.index import add_connection_args
 from core.specs import IMAGE_ENCODER, QUERY_ENCODER
 
@@ -104,14 +104,10 @@ class Searcher:
                  store.search(self.client, [vector], depth, self.collection, expression, self.index, timeout)[0])
         lexical = ([] if mode == "dense" else
                    store.lexical_search(self.client, [text], depth, self.collection, expression, timeout)[0])
-        hits = fuse(dense, lexical, self.similarity) if mode == "hybrid" else (lexical if mode == "lexical" else dense)
+        hits = combine(mode, dense, lexical, self.metric)
         done = time.perf_counter()
         return SearchResult(text or "<image>", hits[:k], (embedded - started) * 1e3, (done - embedded) * 1e3,
                             mode, facet_counts(hits[:FACET_DEPTH]), notice)
-
-    def similarity(self, distance: float) -> float:
-        """A dense hit's Milvus distance as a similarity: IP and COSINE already are; L2 is squared."""
-        return 1.0 - distance / 2.0 if self.metric == "L2" else distance
 
 
 def filter_expression(values: Mapping[str, object], raw: str | None = None) -> str:

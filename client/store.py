@@ -135,25 +135,25 @@ def ensure_collection(client, dim: int, collection: str = COLLECTION, index_type
     if index_type not in INDEX_PARAMS:
         raise StoreError(f"unknown index type {index_type!r}: expected one of {list(INDEX_PARAMS)}")
     description = json.dumps({MODEL_KEY: fingerprint}) if fingerprint and fingerprint != UNKNOWN else ""
-    schema = client.create_schema(auto_id=False, enable_dynamic_field=False, description=description)
-    _dense_fields(schema, dim)
-    index = client.prepare_index_params()
-    index.add_index(VECTOR, index_type=index_type, metric_type=metric, params=INDEX_PARAMS[index_type])
+
+    def create(lexical: bool) -> None:
+        schema, index = _schema(client, dim, description, lexical), client.prepare_index_params()
+        index.add_index(VECTOR, index_type=index_type, metric_type=metric, params=INDEX_PARAMS[index_type])
+        if lexical:
+            index.add_index(SPARSE, index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
+        client.create_collection(collection, schema=schema, index_params=index)
+
     pymilvus_log = logging.getLogger("pymilvus")
     level = pymilvus_log.level
     pymilvus_log.setLevel(logging.CRITICAL)  # its own ERROR lines for the refusal below: ours says it once
     try:
-        client.create_collection(collection, schema=_with_lexical(schema), index_params=_with_lexical_index(index))
+        create(lexical=True)
     except Exception as exc:  # a Milvus before 2.5: no analyzers, no BM25 function
         logger.warning("this Milvus has no BM25 full-text search (%s: %s); collection %s is dense-only, and "
                        "lexical and hybrid search fall back to dense", type(exc).__name__, str(exc)[:120], collection)
         if client.has_collection(collection):  # Milvus 2.3 creates the collection, then refuses its index
             client.drop_collection(collection)
-        schema = client.create_schema(auto_id=False, enable_dynamic_field=False, description=description)
-        _dense_fields(schema, dim)
-        index = client.prepare_index_params()
-        index.add_index(VECTOR, index_type=index_type, metric_type=metric, params=INDEX_PARAMS[index_type])
-        client.create_collection(collection, schema=schema, index_params=index)
+        create(lexical=False)
     finally:
         pymilvus_log.setLevel(level)
     logger.info("created collection %s (%d-d, %s, %s)", collection, dim, index_type, metric)
@@ -177,9 +177,11 @@ def check_model(client, collection: str, fingerprint: str | None) -> None:
                          "this one), or serve the model the collection was built with")
 
 
-def _dense_fields(schema, dim: int) -> None:
-    from pymilvus import DataType
+def _schema(client, dim: int, description: str, lexical: bool):
+    """The collection's fields: id, vector, the scalars; with `lexical`, the text and its BM25 field."""
+    from pymilvus import DataType, Function, FunctionType
 
+    schema = client.create_schema(auto_id=False, enable_dynamic_field=False, description=description)
     schema.add_field(ID, DataType.VARCHAR, is_primary=True, max_length=ID_MAX_LENGTH)
     schema.add_field(VECTOR, DataType.FLOAT_VECTOR, dim=dim)
     for name, length in SCALARS.items():
@@ -187,22 +189,13 @@ def _dense_fields(schema, dim: int) -> None:
             schema.add_field(name, DataType.FLOAT)
         else:
             schema.add_field(name, DataType.VARCHAR, max_length=length)
-
-
-def _with_lexical(schema):
-    from pymilvus import DataType, Function, FunctionType
-
-    schema.add_field(TEXT, DataType.VARCHAR, max_length=TEXT_MAX_LENGTH, enable_analyzer=True,
-                     analyzer_params=ANALYZER)
-    schema.add_field(SPARSE, DataType.SPARSE_FLOAT_VECTOR)
-    schema.add_function(Function(name="text_bm25", function_type=FunctionType.BM25, input_field_names=[TEXT],
-                                 output_field_names=[SPARSE]))
+    if lexical:
+        schema.add_field(TEXT, DataType.VARCHAR, max_length=TEXT_MAX_LENGTH, enable_analyzer=True,
+                         analyzer_params=ANALYZER)
+        schema.add_field(SPARSE, DataType.SPARSE_FLOAT_VECTOR)
+        schema.add_function(Function(name="text_bm25", function_type=FunctionType.BM25, input_field_names=[TEXT],
+                                     output_field_names=[SPARSE]))
     return schema
-
-
-def _with_lexical_index(index):
-    index.add_index(SPARSE, index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
-    return index
 
 
 def has_lexical(client, collection: str = COLLECTION) -> bool:
@@ -286,6 +279,10 @@ def render_filter(template: str, params: Mapping[str, object]) -> str:
     return re.sub(r"\{(\w+)\}", replace, template)
 
 
+def _hits(results) -> list[list[Hit]]:
+    return [[Hit(str(h["id"]), float(h["distance"]), dict(h["entity"])) for h in hits] for hits in results]
+
+
 def search(client, vectors: Sequence[Sequence[float]], k: int = 10, collection: str = COLLECTION,
            expression: str = "", index: tuple[str, str] | None = None,
            timeout_s: float | None = None) -> list[list[Hit]]:
@@ -302,7 +299,7 @@ def search(client, vectors: Sequence[Sequence[float]], k: int = 10, collection: 
     results = client.search(collection, data=[list(map(float, v)) for v in vectors], anns_field=VECTOR,
                             limit=k, search_params=params, filter=expression, output_fields=OUTPUT_FIELDS,
                             timeout=timeout_s)
-    return [[Hit(str(h["id"]), float(h["distance"]), dict(h["entity"])) for h in hits] for hits in results]
+    return _hits(results)
 
 
 def lexical_search(client, texts: Sequence[str], k: int = 10, collection: str = COLLECTION,
@@ -315,4 +312,4 @@ def lexical_search(client, texts: Sequence[str], k: int = 10, collection: str = 
     results = client.search(collection, data=[t[:TEXT_MAX_LENGTH] for t in texts], anns_field=SPARSE, limit=k,
                             search_params={"metric_type": "BM25"}, filter=expression,
                             output_fields=OUTPUT_FIELDS, timeout=timeout_s)
-    return [[Hit(str(h["id"]), float(h["distance"]), dict(h["entity"])) for h in hits] for hits in results]
+    return _hits(results)

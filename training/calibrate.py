@@ -24,11 +24,9 @@ import torch
 
 from core.catalog import DEFAULT_CATALOG, read_catalog
 from core.metrics import rank, retrieval_metrics, without_query_products
-from core.preprocess import normalize_pixels
-from core.queries import look
 
-from .data import ProductSet, build_product_set, split_indices
-from .encode import embed_products
+from .data import ProductSet, build_product_set, photo_queries, split_indices
+from .encode import embed_image_parts, embed_products
 from .factory import CONFIG_FILE, create_model, create_tokenizer, load_checkpoint_config
 from .model import ProductSearchModel
 
@@ -44,22 +42,14 @@ def calibrate(model: ProductSearchModel, tokenizer, products: ProductSet, indice
     model.eval()
     ids = [products.ids[i] for i in indices]
     product_emb = embed_products(model, tokenizer, products, image_cfg, indices)
-    photos = indices[products.has_image[indices]]
-    by_look: dict[tuple[str, str], list[str]] = {}
-    for i in indices:
-        by_look.setdefault(look(products.attrs[i]), []).append(products.ids[i])
-    image = torch.cat([model.encode_image(torch.from_numpy(normalize_pixels(products.pixels[photos[s:s + 256]],
-                                                                            image_cfg)))
-                       for s in range(0, len(photos), 256)])
+    photos, same_look = photo_queries(products, indices)
+    image = embed_image_parts(model, products.pixels[photos], image_cfg)  # once; only the query side varies
     photo_ids = [products.ids[i] for i in photos]
     rows = []
     for w in WEIGHTS:
-        ones = torch.ones(len(photos))
-        queries = model.fuse(w * image, image, ones, ones).numpy()
-        ranked = rank(queries, product_emb, ids, k=101)
+        ranked = rank(model.encode_image_query(image, w).numpy(), product_emb, ids, k=101)
         own = float(np.mean([r[0] == pid for r, pid in zip(ranked, photo_ids)]))
-        others, relevant = without_query_products(ranked, [by_look[look(products.attrs[i])] for i in photos],
-                                                  photo_ids)
+        others, relevant = without_query_products(ranked, same_look, photo_ids)
         metrics = retrieval_metrics(others, relevant)
         rows.append({"weight": w, "own@1": own, "ndcg@10": metrics["ndcg@10"], "recall@100": metrics["recall@100"]})
     eligible = [r for r in rows if r["own@1"] >= MIN_OWN_AT_1] or rows

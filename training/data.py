@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from core.catalog import CatalogReport, ImageFetcher, has_image_ref
 from core.preprocess import ImageError, decode_image, product_text, resize_image
-from core.queries import product_attributes
+from core.queries import look, product_attributes
 
 logger = logging.getLogger(__name__)
 
@@ -97,3 +97,13 @@ def split_indices(ids: list[str], val_fraction: float, seed: int) -> tuple[np.nd
                        for pid in ids])
     val = bucket < int(round(val_fraction * 10_000))
     return np.flatnonzero(~val), np.flatnonzero(val)
+
+
+def photo_queries(products: ProductSet, indices: np.ndarray) -> tuple[np.ndarray, list[list[str]]]:
+    """The products among `indices` that have a photo (the photo queries), and for each the ids of the
+    products among `indices` of the same look (core.queries.look), its own included."""
+    by_look: dict[tuple[str, str], list[str]] = {}
+    for i in indices:
+        by_look.setdefault(look(products.attrs[i]), []).append(products.ids[i])
+    photos = indices[products.has_image[indices]]
+    return photos, [by_look[look(products.attrs[i])] for i in photos]

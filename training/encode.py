@@ -58,10 +58,18 @@ def embed_products(model: ProductSearchModel, tokenizer, products: ProductSet, i
 
 
 @torch.no_grad()
+def embed_image_parts(model: ProductSearchModel, pixels: np.ndarray, image_cfg: dict,
+                      batch_size: int = 256) -> torch.Tensor:
+    """Product photos, uint8 (N, S, S, 3), through the image tower: image parts (N, P)."""
+    model.eval()
+    return torch.cat([model.encode_image(pixel_tensor(pixels[s:s + batch_size], image_cfg))
+                      for s in range(0, len(pixels), batch_size)])
+
+
+@torch.no_grad()
 def embed_image_queries(model: ProductSearchModel, pixels: np.ndarray, image_cfg: dict,
                         batch_size: int = 256) -> np.ndarray:
     """Product photos, uint8 (N, S, S, 3), as image queries (the image-to-product path)."""
-    model.eval()
-    out = [model.encode_image_query(model.encode_image(pixel_tensor(pixels[s:s + batch_size], image_cfg))).numpy()
-           for s in range(0, len(pixels), batch_size)]
-    return np.concatenate(out) if out else np.zeros((0, model.cfg.embed_dim), np.float32)
+    if not len(pixels):
+        return np.zeros((0, model.cfg.embed_dim), np.float32)
+    return model.encode_image_query(embed_image_parts(model, pixels, image_cfg, batch_size)).numpy()

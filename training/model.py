@@ -166,11 +166,15 @@ class ProductSearchModel(nn.Module):
         """Text part + image part with presence masks (B,) -> product embedding (B, D)."""
         return self.fusion(text, image, text_mask, image_mask)
 
-    def encode_image_query(self, image: torch.Tensor) -> torch.Tensor:
-        """An image part (B, P) as a query (B, D): where a shopper's photo lands in the product space."""
+    def encode_image_query(self, image: torch.Tensor, text_weight: float | None = None) -> torch.Tensor:
+        """An image part (B, P) as a query (B, D): where a shopper's photo lands in the product space.
+
+        `text_weight` overrides cfg.image_query_text_weight ("image" mode; the calibration tries several).
+        """
         ones = torch.ones(image.shape[0], dtype=image.dtype, device=image.device)
         if self.cfg.image_query == "image":
-            return self.fuse(self.cfg.image_query_text_weight * image, image, ones, ones)
+            weight = self.cfg.image_query_text_weight if text_weight is None else text_weight
+            return self.fuse(weight * image, image, ones, ones)
         return self.fuse(torch.zeros_like(image), image, ones - 1, ones)
 
     def encode_product(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -30,7 +30,7 @@ from core.metrics import rank, retrieval_metrics, without_query_products
 from core.queries import Query, generate_queries, generate_query, look, relevant_ids
 
 from .calibrate import MIN_OWN_AT_1, calibrate
-from .data import ProductSet, build_product_set, split_indices
+from .data import ProductSet, build_product_set, photo_queries, split_indices
 from .encode import embed_image_queries, embed_products, embed_queries, pixel_tensor, tokenize
 from .factory import create_model, create_tokenizer, get_model_config, list_models, preprocess_config, save_checkpoint
 from .model import ProductSearchModel
@@ -275,12 +275,7 @@ class Validation:
             queries = rng.sample(queries, cfg.val_queries)
         attrs = [products.attrs[i] for i in indices]
         ids = [products.ids[i] for i in indices]
-        by_look: dict[tuple[str, str], list[str]] = {}
-        for i in indices:
-            by_look.setdefault(look(products.attrs[i]), []).append(products.ids[i])
-        photos = indices[products.has_image[indices]]
-        return cls(indices, queries, [relevant_ids(q, attrs, ids) for q in queries],
-                   photos, [by_look[look(products.attrs[i])] for i in photos])
+        return cls(indices, queries, [relevant_ids(q, attrs, ids) for q in queries], *photo_queries(products, indices))
 
     def run(self, model: ProductSearchModel, tokenizer, products: ProductSet, image_cfg: dict | None) -> dict:
         ids = [products.ids[i] for i in self.indices]
