@@ -3,9 +3,11 @@
     python client/index.py --catalog ../shared/data/fashion/catalog.parquet
     python client/index.py --catalog products.csv --milvus-uri http://milvus:19530 --image-col image_url
 
-Re-running indexes nothing twice: products already in the collection are skipped (an interrupted
-run resumes where it stopped) and writes are upserts by product id. A product whose image is
-missing or broken is indexed from its text, and counted.
+Re-running syncs: each row carries content digests (client/sync.py), so a re-run embeds only the
+products that are new or whose text or image bytes changed, rewrites rows whose other fields
+changed with their stored vector, deletes products gone from the catalog, and reports each count.
+An interrupted run resumes where it stopped; writes are upserts by product id. A product whose
+image is missing or broken is indexed from its text, and counted.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ if __package__ in (None, ""):  # run as a script: python client/index.py
 
 from tqdm import tqdm
 
-from client import store
+from client import store, sync
 from client.encoder import EncoderUnavailable, EncodingError, TritonEncoder
 from core.catalog import DEFAULT_CATALOG, CatalogError, ColumnMap, ImageFetcher, has_image_ref, read_catalog
 from core.specs import PRODUCT_ENCODER
 
+DEFAULT_MAX_DELETE_FRACTION = 0.2  # a bigger cut is more likely a truncated catalog file than a real one
 PROGRESS_EVERY = 5000  # products between progress lines when stderr is not a terminal
 logger = logging.getLogger("client.index")
 
@@ -36,18 +39,30 @@ logger = logging.getLogger("client.index")
 @dataclass
 class IndexReport:
     catalog_rows: int = 0
-    indexed: int = 0
-    skipped: int = 0  # already in the collection
+    indexed: int = 0  # rows written with a fresh embedding (added + changed)
+    added: int = 0
+    changed: int = 0  # model input changed (text or image bytes): re-embedded
+    updated: int = 0  # only stored fields changed: rewritten with the stored vector
+    unchanged: int = 0  # nothing to do (or, in a collection without digests, already there)
+    deleted: int = 0
+    deletion_refused: str = ""  # why products gone from the catalog were kept
     text_only: list[tuple[str, str]] = field(default_factory=list)  # (id, why the image was not used)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (id, error)
     malformed_rows: int = 0
     seconds: float = 0.0
 
+    @property
+    def skipped(self) -> int:
+        return self.unchanged
+
     def summary(self) -> str:
         rate = self.indexed / self.seconds if self.seconds else 0.0
-        return (f"indexed {self.indexed}, skipped {self.skipped} (already indexed), failed {len(self.failed)}; "
+        kept = f" (kept {self.deletion_refused})" if self.deletion_refused else ""
+        return (f"added {self.added}, changed {self.changed}, updated {self.updated} (fields only), "
+                f"deleted {self.deleted}{kept}, unchanged {self.unchanged}, failed {len(self.failed)}; "
                 f"{len(self.text_only)} indexed text-only (image missing or broken); "
-                f"{self.malformed_rows} malformed catalog rows; {self.seconds:.1f}s ({rate:.1f} products/s)")
+                f"{self.malformed_rows} malformed catalog rows; {self.seconds:.1f}s "
+                f"({rate:.1f} products embedded/s)")
 
 
 def text_length(title: object, description: object) -> int:
@@ -106,7 +121,11 @@ class Indexer:
         return kept, vectors, text_only, failed
 
     def run(self, catalog: str, columns: ColumnMap | None = None, limit: int | None = None,
-            reindex: bool = False, index_type: str = "AUTOINDEX", metric: str = store.METRIC) -> IndexReport:
+            reindex: bool = False, index_type: str = "AUTOINDEX", metric: str = store.METRIC,
+            max_delete_fraction: float = DEFAULT_MAX_DELETE_FRACTION) -> IndexReport:
+        """Sync the collection with the catalog: embed what is new or changed, rewrite rows whose other
+        fields changed, delete what left the catalog (not with `limit` or malformed rows: the catalog
+        read is partial then). `reindex` embeds every product again."""
         started = time.monotonic()
         report = IndexReport()
         df, catalog_report = read_catalog(catalog, columns, limit=limit)
@@ -121,13 +140,66 @@ class Indexer:
             logger.warning("collection %s has no BM25 field (made before it, or by a Milvus without it): "
                            "indexing vectors only; `--recreate` rebuilds it with lexical search", self.collection)
         rows = df.to_dict("records")
-        if not reindex:
-            done = store.existing_ids(self.client, [r[store.ID] for r in rows], self.collection)
-            report.skipped = len(done)
-            rows = [r for r in rows if r[store.ID] not in done]
-        rows.sort(key=lambda r: text_length(r["title"], r["description"]))
         fetch = ImageFetcher(base_dir=df.attrs["base_dir"])
+        if store.has_digests(self.client, self.collection):
+            digests = self._digests(rows, fetch, lexical)
+            plan = sync.plan(digests, store.read_digests(self.client, self.collection))
+            report.added, report.changed = len(plan.added), len(plan.changed)
+            report.unchanged = len(plan.unchanged) if not reindex else 0
+            to_embed = plan.to_embed if not reindex else set(digests)
+            partial = (f"the catalog was read with --limit {limit}" if limit else "",
+                       f"{report.malformed_rows} catalog rows are malformed" if report.malformed_rows else "")
+            report.deletion_refused = sync.deletion_refused(plan, len(plan.unchanged) + len(plan.changed)
+                                                            + len(plan.updated) + len(plan.deleted),
+                                                            max_delete_fraction, partial)
+        else:  # a collection made before sync: resume by id, as before
+            logger.warning("collection %s has no content digests (made before catalog sync): products it holds "
+                           "are kept as they are; index into a new --collection (or --recreate) to sync",
+                           self.collection)
+            digests, plan = {}, None
+            done = set() if reindex else store.existing_ids(self.client, [r[store.ID] for r in rows], self.collection)
+            report.unchanged = len(done)
+            to_embed = {r[store.ID] for r in rows} - done
+            report.added = len(to_embed)
+        self._embed(sorted((r for r in rows if r[store.ID] in to_embed),
+                           key=lambda r: text_length(r["title"], r["description"])),
+                    digests, lexical, fetch, report, started)
+        if plan is not None and not reindex:
+            report.updated = self._rewrite_fields([r for r in rows if r[store.ID] in set(plan.updated)], digests,
+                                                  lexical)
+            if plan.deleted and report.deletion_refused:
+                logger.warning("not deleting %d products gone from the catalog: %s", len(plan.deleted),
+                               report.deletion_refused)
+            elif plan.deleted:
+                report.deleted = store.delete(self.client, plan.deleted, self.collection)
+        report.seconds = time.monotonic() - started
+        return report
 
+    def _digests(self, rows: list[dict], fetch: ImageFetcher, lexical: bool) -> dict[str, tuple[str, str]]:
+        """(embed, row) digests of every catalog row; reads every image (threads: files or the URL cache)."""
+        refs = [r.get("image") if has_image_ref(r.get("image")) else None for r in rows]
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            images = list(pool.map(lambda ref: sync.image_digest(ref, fetch) if ref is not None
+                                   else sync.MISSING_IMAGE, refs, chunksize=256))
+        digests = {}
+        for r, image in zip(rows, images):
+            embed = sync.embed_digest(r, image)
+            digests[r[store.ID]] = (embed, sync.row_digest(r, embed, lexical))
+        return digests
+
+    def _rewrite_fields(self, rows: list[dict], digests: dict, lexical: bool) -> int:
+        """Rows whose stored fields changed but whose model input did not: the stored vector, new fields."""
+        written = 0
+        for start in range(0, len(rows), 1000):
+            part = rows[start:start + 1000]
+            vectors = store.read_vectors(self.client, [r[store.ID] for r in part], self.collection)
+            written += store.upsert(self.client, [store.make_row(r, vectors[r[store.ID]], lexical, digests[r[store.ID]])
+                                                  for r in part if r[store.ID] in vectors], self.collection)
+        return written
+
+    def _embed(self, rows: list[dict], digests: dict, lexical: bool, fetch: ImageFetcher, report: IndexReport,
+               started: float) -> None:
+        """Embed `rows` through Triton and upsert them, in bounded concurrent batches."""
         def load_images(batch: list[dict]) -> tuple[list[bytes | None], list[tuple[str, str]]]:
             images, missing = [], []
             for r in batch:
@@ -167,7 +239,8 @@ class Indexer:
                     finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                     for future in finished:
                         kept, vectors, text_only, failed = future.result()
-                        buffer += [store.make_row(r, v, lexical) for r, v in zip(kept, vectors)]
+                        buffer += [store.make_row(r, v, lexical, digests.get(r[store.ID]))
+                                   for r, v in zip(kept, vectors)]
                         report.text_only += text_only
                         report.failed += failed
                         bar.update(len(kept) + len(failed))
@@ -184,8 +257,6 @@ class Indexer:
                 # What was embedded is kept: a re-run resumes after it.
                 report.indexed += store.upsert(self.client, buffer, self.collection)
                 bar.close()
-        report.seconds = time.monotonic() - started
-        return report
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -202,7 +273,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16, help="products per Triton request")
     p.add_argument("--concurrency", type=int, default=4, help="Triton requests in flight")
     p.add_argument("--retries", type=int, default=3, help="retries (with exponential backoff) when Triton is down")
-    p.add_argument("--reindex", action="store_true", help="embed every product again (upsert replaces them)")
+    p.add_argument("--reindex", action="store_true",
+                   help="embed every product again, changed or not (upsert replaces them; nothing is deleted)")
+    p.add_argument("--max-delete-fraction", type=float, default=DEFAULT_MAX_DELETE_FRACTION,
+                   help="refuse to delete more than this fraction of the collection in one sync (a truncated "
+                        "catalog file looks like a mass deletion); 1 allows any")
     p.add_argument("--recreate", action="store_true", help="drop the collection first")
     ColumnMap.add_arguments(p)
     return p.parse_args(argv)
@@ -231,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         indexer = Indexer(args.triton_url, args.protocol, client, args.collection, args.batch_size,
                           args.concurrency, args.retries)
         report = indexer.run(args.catalog, ColumnMap.from_args(args), args.limit, args.reindex, args.index_type,
-                             args.metric)
+                             args.metric, args.max_delete_fraction)
     except (EncoderUnavailable, store.StoreError, CatalogError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         print("nothing indexed so far is lost: run the same command again to resume", file=sys.stderr)

@@ -44,6 +44,10 @@ SPARSE = "text_bm25"  # filled by Milvus from TEXT (a BM25 function): never writ
 # query alike: 100% of the code and rare-name sets at rank 1, against 7% (codes) for whitespace +
 # lowercase (bench/results/hybrid.md).
 ANALYZER = {"type": "standard"}
+# Catalog sync (client/sync.py): content digests per row, so a re-run embeds only what changed.
+EMBED_DIGEST = "embed_digest"  # over the model's input: title, description, image bytes
+ROW_DIGEST = "row_digest"  # over every stored field
+DIGEST_LENGTH = 32  # hex characters
 INDEX_PARAMS = {"AUTOINDEX": {}, "FLAT": {}, "IVF_FLAT": {"nlist": 256}, "HNSW": {"M": 16, "efConstruction": 200}}
 SEARCH_PARAMS = {"AUTOINDEX": {}, "FLAT": {}, "IVF_FLAT": {"nprobe": 32}, "HNSW": {"ef": 64}}
 
@@ -189,6 +193,8 @@ def _schema(client, dim: int, description: str, lexical: bool):
             schema.add_field(name, DataType.FLOAT)
         else:
             schema.add_field(name, DataType.VARCHAR, max_length=length)
+    for name in (EMBED_DIGEST, ROW_DIGEST):
+        schema.add_field(name, DataType.VARCHAR, max_length=DIGEST_LENGTH)
     if lexical:
         schema.add_field(TEXT, DataType.VARCHAR, max_length=TEXT_MAX_LENGTH, enable_analyzer=True,
                          analyzer_params=ANALYZER)
@@ -198,9 +204,18 @@ def _schema(client, dim: int, description: str, lexical: bool):
     return schema
 
 
+def _has_field(client, collection: str, name: str) -> bool:
+    return any(f["name"] == name for f in client.describe_collection(collection)["fields"])
+
+
 def has_lexical(client, collection: str = COLLECTION) -> bool:
     """Whether the collection holds the BM25 field (collections made before it did not)."""
-    return any(f["name"] == SPARSE for f in client.describe_collection(collection)["fields"])
+    return _has_field(client, collection, SPARSE)
+
+
+def has_digests(client, collection: str = COLLECTION) -> bool:
+    """Whether the collection's rows carry content digests (collections made before sync do not)."""
+    return _has_field(client, collection, EMBED_DIGEST)
 
 
 def _clip(value: str, length: int) -> str:
@@ -208,9 +223,14 @@ def _clip(value: str, length: int) -> str:
     return encoded.decode("utf-8", errors="ignore")
 
 
-def make_row(product: Mapping, vector: Sequence[float], lexical: bool = True) -> dict:
-    """A collection row; `lexical` adds the text BM25 reads (a collection without the field refuses it)."""
+def make_row(product: Mapping, vector: Sequence[float], lexical: bool = True,
+             digests: tuple[str, str] | None = ("", "")) -> dict:
+    """A collection row; `lexical` adds the text BM25 reads (a collection without the field refuses it),
+    `digests` the (embed, row) content digests of client/sync.py (empty ones: the next sync re-embeds
+    the row; None: a collection made before digests)."""
     row = {ID: str(product[ID])[:ID_MAX_LENGTH], VECTOR: [float(x) for x in vector]}
+    if digests is not None:
+        row[EMBED_DIGEST], row[ROW_DIGEST] = digests
     if lexical:
         row[TEXT] = _clip(product_text(product.get("title"), product.get("description")), TEXT_MAX_LENGTH)
     for name, length in SCALARS.items():
@@ -242,6 +262,38 @@ def existing_ids(client, ids: Iterable[str], collection: str = COLLECTION, chunk
         rows = client.get(collection, ids=part, output_fields=[ID], consistency_level="Strong")
         found.update(r[ID] for r in rows)
     return found
+
+
+def read_digests(client, collection: str = COLLECTION, batch: int = 5000) -> dict[str, tuple[str, str]]:
+    """{product id: (embed digest, row digest)} for every row of the collection (strong consistency)."""
+    iterator = client.query_iterator(collection, batch_size=batch, filter="",
+                                     output_fields=[ID, EMBED_DIGEST, ROW_DIGEST], consistency_level="Strong")
+    digests: dict[str, tuple[str, str]] = {}
+    try:
+        while rows := iterator.next():
+            digests.update((r[ID], (r[EMBED_DIGEST], r[ROW_DIGEST])) for r in rows)
+    finally:
+        iterator.close()
+    return digests
+
+
+def read_vectors(client, ids: Sequence[str], collection: str = COLLECTION, chunk: int = 1000) -> dict[str, list]:
+    """{product id: stored vector} (a row whose fields change but whose model input does not keeps it)."""
+    vectors: dict[str, list] = {}
+    for start in range(0, len(ids), chunk):
+        rows = client.get(collection, ids=list(ids[start:start + chunk]), output_fields=[ID, VECTOR],
+                          consistency_level="Strong")
+        vectors.update((r[ID], r[VECTOR]) for r in rows)
+    return vectors
+
+
+def delete(client, ids: Sequence[str], collection: str = COLLECTION, chunk: int = 1000) -> int:
+    deleted = 0
+    for start in range(0, len(ids), chunk):
+        part = list(ids[start:start + chunk])
+        client.delete(collection, ids=part)
+        deleted += len(part)
+    return deleted
 
 
 def count(client, collection: str = COLLECTION) -> int:

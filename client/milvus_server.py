@@ -1,0 +1,191 @@
+"""Run a real Milvus standalone server locally, without Docker: the step between Lite and the cluster.
+
+    python -m client.milvus_server                 # foreground on 127.0.0.1:19530, data in runs/milvus-server
+    python -m client.milvus_server --detach        # returns once it answers; writes a pid file
+    python -m client.milvus_server --stop
+
+The binary comes from PyPI's `milvus` package (2.3.5, its last release; Linux x86-64): standalone
+Milvus with embedded etcd and local storage. Use it when more than one process needs the same
+collections (the page, search.py and the indexer together), for HNSW, and for aliases (upgrades
+without downtime). It has no BM25 (a 2.5 feature): lexical and hybrid search fall back to dense;
+the compose cluster (docker/) runs 2.5.
+
+Milvus 2.3.5 listens on every interface whatever its `*.ip` settings say (those only choose the
+address it advertises; measured with `ss -ltn`): on a shared host, firewall its ports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger("client.milvus_server")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA_DIR = REPO_ROOT / "runs" / "milvus-server"
+COMPONENTS = ("rootCoord", "proxy", "queryCoord", "queryNode", "indexNode", "dataCoord", "dataNode")
+
+
+class MilvusServerError(RuntimeError):
+    pass
+
+
+@dataclass
+class MilvusServer:
+    """A `milvus run standalone` process in its own process group (the package's own wrapper leaves
+    its child running when killed): `with MilvusServer(dir) as server:` starts it and waits until a
+    client can list collections."""
+
+    data_dir: Path = DEFAULT_DATA_DIR
+    host: str = "127.0.0.1"
+    port: int = 19530
+    process: subprocess.Popen | None = None
+    health_port: int = 0  # chosen at start: the first free one from 9091
+
+    @property
+    def uri(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def log_file(self) -> Path:
+        return Path(self.data_dir) / "logs" / "milvus.log"
+
+    def _configure(self) -> tuple[list[str], dict, Path]:
+        try:
+            from milvus import MilvusServerConfig, _initialize_data_files
+        except ImportError:
+            raise MilvusServerError("the Milvus server binary is not installed: pip install 'milvus==2.3.5' "
+                                    "(Linux x86-64; scripts/setup.sh installs it)") from None
+        config = MilvusServerConfig(data_dir=str(self.data_dir), proxy_port=self.port)
+        for component in COMPONENTS:  # the address each advertises to the others
+            config.set(f"{component}.ip", self.host)
+        config.resolve()  # internal ports: the first free from each default; writes configs/milvus.yaml
+        _initialize_data_files(config.base_data_dir)  # unpacks the binary once (about 100 MB)
+        self.health_port, sock = config.resolve_port(9091)
+        sock.close()
+        base = Path(config.base_data_dir)
+        binary = base / "bin" / "milvus"
+        env = dict(os.environ, DEPLOY_MODE="STANDALONE", METRICS_PORT=str(self.health_port),
+                   MILVUS_RUN_DIR=str(base / "run"))
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(binary.parent), env.get("LD_LIBRARY_PATH")]))
+        return [str(binary), "run", "standalone"], env, base
+
+    def start(self, timeout_s: float = 180.0) -> MilvusServer:
+        command, env, base = self._configure()
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_file, "ab")
+        logger.info("starting Milvus standalone on %s (data %s, health :%d), log: %s", self.uri, base,
+                    self.health_port, self.log_file)
+        self.process = subprocess.Popen(command, cwd=base, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        log.close()
+        self.wait_ready(timeout_s)
+        return self
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Healthy and serving: /healthz says OK early, so a real client call decides."""
+        from pymilvus import MilvusClient
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise MilvusServerError(f"milvus exited with code {self.process.returncode}; see {self.log_file}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2) as r:
+                    healthy = b"OK" in r.read()
+                if healthy:
+                    client = MilvusClient(uri=self.uri, timeout=5)
+                    client.list_collections()
+                    client.close()
+                    logger.info("Milvus ready at %s", self.uri)
+                    return
+            except Exception:  # noqa: BLE001 - not up yet, whatever the client library raises
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise MilvusServerError(f"Milvus not ready after {timeout_s:.0f}s; see {self.log_file}")
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """SIGTERM to the group, then SIGKILL: the milvus process ignores SIGTERM for a while."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        _end_group(self.process.pid, timeout_s)
+        self.process.wait()
+
+    def kill(self) -> None:
+        """kill -9, as a crash would (tests)."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def __enter__(self) -> MilvusServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _end_group(pid: int, timeout_s: float) -> None:
+    try:
+        os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            os.kill(pid, 0)
+            time.sleep(0.25)
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m client.milvus_server", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA_DIR,
+                   help="data directory: collections, etcd, logs (kept between starts)")
+    p.add_argument("--port", type=int, default=19530, help="the gRPC/HTTP port clients connect to")
+    p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait until it serves")
+    p.add_argument("--detach", action="store_true", help="return once it serves, leaving it running")
+    p.add_argument("--stop", action="store_true", help="stop a server started with --detach")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    pid_file = args.data / "milvus.pid"
+    if args.stop:
+        if not pid_file.exists():
+            logger.info("no detached server (%s missing)", pid_file)
+            return
+        pid = int(pid_file.read_text())
+        _end_group(pid, 15.0)
+        pid_file.unlink(missing_ok=True)
+        logger.info("stopped Milvus (pid %d)", pid)
+        return
+    server = MilvusServer(args.data, port=args.port)
+    try:
+        server.start(args.timeout)
+    except MilvusServerError as exc:
+        sys.exit(f"error: {exc}")
+    if args.detach:
+        pid_file.write_text(str(server.process.pid))
+        logger.info("detached (pid %d): --milvus-uri %s; stop with: python -m client.milvus_server --stop",
+                    server.process.pid, server.uri)
+        return
+    try:
+        server.process.wait()
+    except KeyboardInterrupt:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
