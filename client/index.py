@@ -24,6 +24,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: python client/index.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pymilvus.exceptions import MilvusException
 from tqdm import tqdm
 
 from client import store, sync
@@ -73,8 +74,11 @@ def text_length(title: object, description: object) -> int:
 
 class Indexer:
     def __init__(self, triton_url: str, protocol: str, client, collection: str, batch_size: int = 16,
-                 concurrency: int = 4, retries: int = 3, backoff_s: float = 1.0, timeout_s: float = 60.0):
+                 concurrency: int = 4, retries: int = 3, backoff_s: float = 1.0, timeout_s: float = 60.0,
+                 write_every: int = 512, milvus_timeout_s: int = store.WRITE_TIMEOUT_S):
         self.triton_url, self.protocol, self.timeout_s = triton_url, protocol, timeout_s
+        self.milvus_timeout_s = milvus_timeout_s
+        self.write_every = write_every  # embedded rows buffered per Milvus upsert: what a crash can cost
         self.client, self.collection = client, collection
         self.batch_size, self.concurrency = batch_size, concurrency
         self.retries, self.backoff_s = retries, backoff_s
@@ -248,14 +252,14 @@ class Indexer:
                         if bar.disable and processed // PROGRESS_EVERY > before // PROGRESS_EVERY:
                             logger.info("embedded %d of %d products (%.0f/s)", processed, len(rows),
                                         processed / max(1e-9, time.monotonic() - started))
-                    if len(buffer) >= 512:
-                        report.indexed += store.upsert(self.client, buffer, self.collection)
+                    if len(buffer) >= self.write_every:
+                        report.indexed += store.upsert(self.client, buffer, self.collection, self.milvus_timeout_s)
                         buffer = []
             finally:
                 for future in pending:
                     future.cancel()
                 # What was embedded is kept: a re-run resumes after it.
-                report.indexed += store.upsert(self.client, buffer, self.collection)
+                report.indexed += store.upsert(self.client, buffer, self.collection, self.milvus_timeout_s)
                 bar.close()
 
 
@@ -307,8 +311,9 @@ def main(argv: list[str] | None = None) -> int:
                           args.concurrency, args.retries)
         report = indexer.run(args.catalog, ColumnMap.from_args(args), args.limit, args.reindex, args.index_type,
                              args.metric, args.max_delete_fraction)
-    except (EncoderUnavailable, store.StoreError, CatalogError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (EncoderUnavailable, store.StoreError, CatalogError, MilvusException) as exc:
+        what = f"Milvus at {args.milvus_uri} failed: " if isinstance(exc, MilvusException) else ""
+        print(f"error: {what}{exc}", file=sys.stderr)
         print("nothing indexed so far is lost: run the same command again to resume", file=sys.stderr)
         return 2
     logger.info("%s", report.summary())

@@ -17,9 +17,11 @@ address it advertises; measured with `ss -ltn`): on a shared host, firewall its 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -65,19 +67,52 @@ class MilvusServer:
         except ImportError:
             raise MilvusServerError("the Milvus server binary is not installed: pip install 'milvus==2.3.5' "
                                     "(Linux x86-64; scripts/setup.sh installs it)") from None
-        config = MilvusServerConfig(data_dir=str(self.data_dir), proxy_port=self.port)
+        ports = self._etcd_ports()
+        config = MilvusServerConfig(data_dir=str(self.data_dir), proxy_port=self.port, etcd_port=ports["client"])
         for component in COMPONENTS:  # the address each advertises to the others
             config.set(f"{component}.ip", self.host)
+        # Its port check binds without SO_REUSEADDR, so a port a killed server left in TIME_WAIT reads as taken,
+        # while Milvus itself can listen on it: check as Milvus binds.
+        config.try_bind_port = _reusable_socket
         config.resolve()  # internal ports: the first free from each default; writes configs/milvus.yaml
         _initialize_data_files(config.base_data_dir)  # unpacks the binary once (about 100 MB)
         self.health_port, sock = config.resolve_port(9091)
         sock.close()
         base = Path(config.base_data_dir)
+        self._embed_etcd_config(base, ports)
         binary = base / "bin" / "milvus"
         env = dict(os.environ, DEPLOY_MODE="STANDALONE", METRICS_PORT=str(self.health_port),
                    MILVUS_RUN_DIR=str(base / "run"))
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(binary.parent), env.get("LD_LIBRARY_PATH")]))
         return [str(binary), "run", "standalone"], env, base
+
+    def _etcd_ports(self) -> dict[str, int]:
+        """The embedded etcd's client and peer ports, kept per data directory (its membership records the
+        peer URL). Without a config file etcd takes 2379/2380 whatever Milvus is told: a second server on
+        the host would die binding them."""
+        saved = Path(self.data_dir) / "etcd-ports.json"
+        if saved.is_file():
+            ports = json.loads(saved.read_text())
+            if all(_bindable(p) for p in ports.values()):
+                return ports
+        client = next(p for p in range(2379, 2479) if _bindable(p))
+        peer = next(p for p in range(client + 1, client + 101) if _bindable(p))
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps({"client": client, "peer": peer}))
+        return {"client": client, "peer": peer}
+
+    @staticmethod
+    def _embed_etcd_config(base: Path, ports: dict[str, int]) -> None:
+        client, peer = f"http://127.0.0.1:{ports['client']}", f"http://127.0.0.1:{ports['peer']}"
+        etcd = base / "configs" / "embedEtcd.yaml"
+        etcd.write_text(f"name: default\nlisten-client-urls: {client}\nadvertise-client-urls: {client}\n"
+                        f"listen-peer-urls: {peer}\ninitial-advertise-peer-urls: {peer}\n"
+                        f"initial-cluster: default={peer}\n")
+        milvus_yaml = base / "configs" / "milvus.yaml"
+        text = milvus_yaml.read_text()
+        if "\n  config:\n    path:" not in text:  # etcd.config.path: the template has no such key
+            text = text.replace("\netcd:\n", f"\netcd:\n  config:\n    path: {etcd}\n", 1)
+        milvus_yaml.write_text(text)
 
     def start(self, timeout_s: float = 180.0) -> MilvusServer:
         command, env, base = self._configure()
@@ -132,6 +167,28 @@ class MilvusServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _reusable_socket(port: int) -> socket.socket | None:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("127.0.0.1", port))
+        sock.listen()
+        return sock
+    except OSError:
+        sock.close()
+        return None
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
 
 
 def _end_group(pid: int, timeout_s: float) -> None:

@@ -49,6 +49,9 @@ EMBED_DIGEST = "embed_digest"  # over the model's input: title, description, ima
 ROW_DIGEST = "row_digest"  # over every stored field
 DIGEST_LENGTH = 32  # hex characters
 INDEX_PARAMS = {"AUTOINDEX": {}, "FLAT": {}, "IVF_FLAT": {"nlist": 256}, "HNSW": {"M": 16, "efConstruction": 200}}
+# pymilvus retries a failed call 75 times unless given a timeout (whole seconds: an int, or it is ignored):
+# a dead server would hold a write for minutes.
+WRITE_TIMEOUT_S = 60
 SEARCH_PARAMS = {"AUTOINDEX": {}, "FLAT": {}, "IVF_FLAT": {"nprobe": 32}, "HNSW": {"ef": 64}}
 
 
@@ -133,6 +136,7 @@ def ensure_collection(client, dim: int, collection: str = COLLECTION, index_type
             raise StoreError(f"collection {collection!r} holds {existing}-d vectors but the served model makes "
                              f"{dim}-d ones: index into a new --collection, or drop it (--recreate)")
         check_model(client, collection, fingerprint)
+        client.load_collection(collection)  # a restarted server holds it unloaded until asked (2.3)
         return
     if metric not in METRICS:
         raise StoreError(f"unknown metric {metric!r}: expected one of {METRICS}")
@@ -246,11 +250,11 @@ def make_row(product: Mapping, vector: Sequence[float], lexical: bool = True,
     return row
 
 
-def upsert(client, rows: list[dict], collection: str = COLLECTION) -> int:
+def upsert(client, rows: list[dict], collection: str = COLLECTION, timeout_s: int = WRITE_TIMEOUT_S) -> int:
     """Insert or replace rows by product id: re-indexing never duplicates."""
     if not rows:
         return 0
-    return int(client.upsert(collection, rows)["upsert_count"])
+    return int(client.upsert(collection, rows, timeout=timeout_s)["upsert_count"])
 
 
 def existing_ids(client, ids: Iterable[str], collection: str = COLLECTION, chunk: int = 1000) -> set[str]:
@@ -287,11 +291,12 @@ def read_vectors(client, ids: Sequence[str], collection: str = COLLECTION, chunk
     return vectors
 
 
-def delete(client, ids: Sequence[str], collection: str = COLLECTION, chunk: int = 1000) -> int:
+def delete(client, ids: Sequence[str], collection: str = COLLECTION, chunk: int = 1000,
+           timeout_s: int = WRITE_TIMEOUT_S) -> int:
     deleted = 0
     for start in range(0, len(ids), chunk):
         part = list(ids[start:start + chunk])
-        client.delete(collection, ids=part)
+        client.delete(collection, ids=part, timeout=timeout_s)
         deleted += len(part)
     return deleted
 
