@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup system-deps demo page test bench lint clean
+.PHONY: setup system-deps demo page serve stop test bench lint clean
 
 setup:
 	./scripts/setup.sh
@@ -16,6 +16,13 @@ demo: setup
 
 page: setup
 	./scripts/page.sh
+
+# Milvus standalone + Triton left running on loopback, shared by the page, search, sync and upgrades.
+serve: setup
+	./scripts/serve.sh
+
+stop:
+	./scripts/serve.sh stop
 
 test: setup system-deps
 	$(PY) -m pytest

@@ -96,11 +96,10 @@ class Backend:
         local = self._local
         if getattr(local, "searcher", None) is None or local.generation != self._generation:
             if getattr(local, "searcher", None) is not None:
-                local.searcher.encoder.close()
+                local.searcher.close()
             local.searcher = None
             encoder = TritonEncoder(self.triton_url, self.protocol, timeout_s=self.timeout_s)
-            try:
-                encoder.check_ready([QUERY_ENCODER])
+            try:  # the searcher checks the model set its collection records is ready
                 local.searcher = Searcher(encoder, self._milvus_client(), self.collection)
             except BaseException:
                 encoder.close()
@@ -114,7 +113,7 @@ class Backend:
             self._generation += 1
             client, self._milvus = self._milvus, None
         if getattr(self._local, "searcher", None) is not None:
-            self._local.searcher.encoder.close()
+            self._local.searcher.close()
             self._local.searcher = None
         if client is not None:
             try:
@@ -144,7 +143,7 @@ class Backend:
     def fingerprint(self) -> str:
         """The served model's fingerprint, as this thread's Triton client last read it."""
         searcher = getattr(self._local, "searcher", None)
-        return searcher.encoder.fingerprint if searcher is not None else "unknown"
+        return searcher.fingerprint if searcher is not None else "unknown"
 
     def health(self) -> dict:
         """What is up, through clients kept between polls (the page asks every 15 s) and remade after a failure."""

@@ -12,7 +12,17 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from core.specs import DESCRIPTION, EMBEDDING, IMAGE, IMAGE_ENCODER, PRODUCT_ENCODER, QUERY, QUERY_ENCODER, TITLE
+from core.specs import (
+    DESCRIPTION,
+    EMBEDDING,
+    IMAGE,
+    IMAGE_ENCODER,
+    PRODUCT_ENCODER,
+    QUERY,
+    QUERY_ENCODER,
+    TITLE,
+    model_name,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +61,10 @@ def _protocol_module(protocol: str):
 
 
 class TritonEncoder:
-    def __init__(self, url: str = "127.0.0.1:8001", protocol: str = "grpc", timeout_s: float = 30.0):
+    def __init__(self, url: str = "127.0.0.1:8001", protocol: str = "grpc", timeout_s: float = 30.0, tag: str = ""):
         self.url, self.protocol, self.timeout_s = url, protocol, timeout_s
+        self.tag = tag  # which model set: the ensembles' served names are model_name(QUERY_ENCODER, tag)...
+        model_name(QUERY_ENCODER, tag)  # a malformed tag fails here, not on the first request
         self.module = _protocol_module(protocol)
         kwargs = {"network_timeout": timeout_s} if protocol == "http" else {}
         self.client = self.module.InferenceServerClient(url, **kwargs)
@@ -66,6 +78,14 @@ class TritonEncoder:
             "`python -m export.serve --model-repository model_repository` (or `make demo`), "
             "or pass --triton-url / --protocol to reach yours.")
 
+    def served(self, model: str) -> str:
+        """The served name of a core.specs model name in this encoder's model set."""
+        return model_name(model, self.tag)
+
+    def with_tag(self, tag: str) -> TritonEncoder:
+        """An encoder of the same server for another model set (its own connection)."""
+        return TritonEncoder(self.url, self.protocol, self.timeout_s, tag)
+
     def check_ready(self, models: Sequence[str] = (QUERY_ENCODER,)) -> None:
         try:
             live = self.client.is_server_live(**self._deadline)
@@ -73,7 +93,7 @@ class TritonEncoder:
             raise self._unavailable(f"Triton is unreachable ({type(exc).__name__})") from None
         if not live:
             raise self._unavailable("Triton is not live")
-        for model in models:
+        for model in map(self.served, models):
             try:
                 ready = self.client.is_model_ready(model, **self._deadline)
             except Exception as exc:
@@ -82,6 +102,7 @@ class TritonEncoder:
                 raise self._unavailable(f"model {model!r} is not ready")
 
     def metadata(self, model: str) -> dict:
+        model = self.served(model)
         if model not in self._metadata:
             try:
                 extra = {"as_json": True, **self._deadline} if self.protocol == "grpc" else {}
@@ -104,10 +125,10 @@ class TritonEncoder:
         """Which weights and graph variant Triton serves (export's "fingerprint" config parameter)."""
         if "fingerprint" not in self._metadata:
             try:
-                config = self.client.get_model_config(QUERY_ENCODER, **(
+                config = self.client.get_model_config(self.served(QUERY_ENCODER), **(
                     {"as_json": True, **self._deadline} if self.protocol == "grpc" else {}))
             except Exception as exc:
-                raise self._unavailable(f"no config for model {QUERY_ENCODER!r} ({exc})") from None
+                raise self._unavailable(f"no config for model {self.served(QUERY_ENCODER)!r} ({exc})") from None
             config = config.get("config", config)  # gRPC wraps it, HTTP does not
             value = config.get("parameters", {}).get("fingerprint", {}).get("string_value", "")
             self._metadata["fingerprint"] = value or "unknown"  # a repository exported before fingerprints
@@ -127,6 +148,7 @@ class TritonEncoder:
             tensor.set_data_from_numpy(array)
             tensors.append(tensor)
         outputs = [self.module.InferRequestedOutput(OUTPUT)]
+        model = self.served(model)
         try:
             result = self.client.infer(model, tensors, outputs=outputs, **self._deadline)
         except self.module.InferenceServerException as exc:

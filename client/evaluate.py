@@ -116,13 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     args = parse_args(argv)
     try:
-        encoder = TritonEncoder(args.triton_url, args.protocol)
-        encoder.check_ready([QUERY_ENCODER])
         client = store.connect(args.milvus_uri, args.token, args.user, args.password)
         if store.collection_dim(client, args.collection) is None:
             raise store.StoreError(f"no collection {args.collection!r}: index a catalog first")
+        record = store.collection_record(client, args.collection)  # an alias: the collection it serves now
+        encoder = TritonEncoder(args.triton_url, args.protocol, tag=record.tag)
+        encoder.check_ready([QUERY_ENCODER])
         result = evaluate_served(encoder, client, args.queries, args.catalog, ColumnMap.from_args(args),
-                                 args.collection, args.batch_size, args.mode)
+                                 record.collection, args.batch_size, args.mode)
     except (EncoderUnavailable, EncodingError, store.StoreError, CatalogError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -75,8 +75,9 @@ def text_length(title: object, description: object) -> int:
 class Indexer:
     def __init__(self, triton_url: str, protocol: str, client, collection: str, batch_size: int = 16,
                  concurrency: int = 4, retries: int = 3, backoff_s: float = 1.0, timeout_s: float = 60.0,
-                 write_every: int = 512, milvus_timeout_s: int = store.WRITE_TIMEOUT_S):
+                 write_every: int = 512, milvus_timeout_s: int = store.WRITE_TIMEOUT_S, tag: str = ""):
         self.triton_url, self.protocol, self.timeout_s = triton_url, protocol, timeout_s
+        self.tag = tag  # the Triton model set that embeds (an upgrade indexes with the new one)
         self.milvus_timeout_s = milvus_timeout_s
         self.write_every = write_every  # embedded rows buffered per Milvus upsert: what a crash can cost
         self.client, self.collection = client, collection
@@ -86,7 +87,7 @@ class Indexer:
 
     def encoder(self) -> TritonEncoder:
         if not hasattr(self._local, "encoder"):  # one connection per worker thread
-            self._local.encoder = TritonEncoder(self.triton_url, self.protocol, self.timeout_s)
+            self._local.encoder = TritonEncoder(self.triton_url, self.protocol, self.timeout_s, self.tag)
         return self._local.encoder
 
     def _with_retries(self, fn, *args):
@@ -138,7 +139,7 @@ class Indexer:
         encoder = self.encoder()
         encoder.check_ready([PRODUCT_ENCODER])
         store.ensure_collection(self.client, encoder.embed_dim, self.collection, index_type, metric,
-                                encoder.fingerprint)
+                                encoder.fingerprint, self.tag)
         lexical = store.has_lexical(self.client, self.collection)
         if not lexical:
             logger.warning("collection %s has no BM25 field (made before it, or by a Milvus without it): "
@@ -307,8 +308,12 @@ def main(argv: list[str] | None = None) -> int:
         client = store.connect(args.milvus_uri, args.token, args.user, args.password)
         if args.recreate and client.has_collection(args.collection):
             client.drop_collection(args.collection)
-        indexer = Indexer(args.triton_url, args.protocol, client, args.collection, args.batch_size,
-                          args.concurrency, args.retries)
+        collection, tag = args.collection, ""
+        if client.has_collection(collection):  # an alias (after an upgrade): sync the collection it serves
+            record = store.collection_record(client, collection)
+            collection, tag = record.collection, record.tag
+        indexer = Indexer(args.triton_url, args.protocol, client, collection, args.batch_size,
+                          args.concurrency, args.retries, tag=tag)
         report = indexer.run(args.catalog, ColumnMap.from_args(args), args.limit, args.reindex, args.index_type,
                              args.metric, args.max_delete_fraction)
     except (EncoderUnavailable, store.StoreError, CatalogError, MilvusException) as exc:

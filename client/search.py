@@ -25,7 +25,7 @@ from client import store
 from client.encoder import EncoderUnavailable, EncodingError, TritonEncoder
 from client.fusion import MODES, combine, facet_counts
 from client.index import add_connection_args
-from core.specs import IMAGE_ENCODER, QUERY_ENCODER
+from core.specs import QUERY_ENCODER
 
 logger = logging.getLogger("client.search")
 
@@ -53,30 +53,101 @@ class SearchResult:
     mode: str = "dense"  # how it was searched (a photo, or a collection without BM25, is dense)
     facets: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
     notice: str = ""  # one line for the user when the search was not what was asked (a fallback)
+    collection: str = ""  # the collection searched (behind the serving name)
+    model: str = ""  # the fingerprint of the model that embedded the query and made that collection's vectors
+
+
+RESOLVE_EVERY_S = 1.0  # how often a searcher asks which collection its serving name points at
+
+
+@dataclass
+class Target:
+    """One collection and the encoder of the model that made its vectors: a query is embedded and
+    searched with the same pair, so a switch (an upgrade's alias) never mixes two models."""
+
+    record: store.CollectionRecord
+    encoder: TritonEncoder
+    index: tuple[str, str]  # (index type, metric)
+    lexical: bool
+    load_ms: float
+    checked: float  # time.monotonic() of the last resolution that confirmed it
 
 
 class Searcher:
-    """Embeds through Triton, searches Milvus; refuses a collection of another dimension."""
+    """Embeds through Triton, searches Milvus; refuses a collection of another dimension or model.
+
+    `collection` is a serving name: a collection, or (on a Milvus server) an alias an upgrade switches.
+    It is resolved at most every RESOLVE_EVERY_S; each search uses one resolution for both its embedding
+    (the model set the collection records) and its search (that collection, by its own name).
+    """
 
     def __init__(self, encoder: TritonEncoder, client, collection: str = store.COLLECTION):
         self.encoder, self.client, self.collection = encoder, client, collection
-        dim = store.collection_dim(client, collection)
-        if dim is None:
-            raise store.StoreError(f"no collection {collection!r}: index a catalog first "
+        self._encoders = {encoder.tag: encoder}
+        self._target: Target | None = None
+        self.target()
+
+    def target(self) -> Target:
+        now = time.monotonic()
+        current = self._target
+        if current is not None and now - current.checked < RESOLVE_EVERY_S:
+            return current
+        if not self.client.has_collection(self.collection):
+            raise store.StoreError(f"no collection {self.collection!r}: index a catalog first "
                                    "(python client/index.py --catalog PATH)")
+        record = store.collection_record(self.client, self.collection)
+        if current is not None and record == current.record:
+            current.checked = now
+            return current
+        self._target = self._open(record, now)
+        if current is not None:
+            logger.info("%s now serves collection %s (model %s)", self.collection, record.collection,
+                        record.fingerprint)
+        return self._target
+
+    def _open(self, record: store.CollectionRecord, now: float) -> Target:
+        encoder = self._encoders.get(record.tag)
+        if encoder is None:
+            encoder = self._encoders[record.tag] = self.encoder.with_tag(record.tag)
+        encoder.check_ready([QUERY_ENCODER])
+        name = record.collection
+        dim = store.collection_dim(self.client, name)
         if dim != encoder.embed_dim:
             raise store.StoreError(
-                f"collection {collection!r} holds {dim}-d vectors but the served model makes {encoder.embed_dim}-d "
+                f"collection {name!r} holds {dim}-d vectors but the served model makes {encoder.embed_dim}-d "
                 "ones: it was indexed with another model. Re-index (python client/index.py --recreate).")
-        store.check_model(client, collection, encoder.fingerprint)
+        store.check_model(self.client, name, encoder.fingerprint)
+        index, lexical = store.collection_index(self.client, name), store.has_lexical(self.client, name)
         # Loading the collection into memory is a one-off cost of a process (about a second at
         # 44k products with Milvus Lite); done here, it is not charged to the first search.
-        self.index = store.collection_index(client, collection)  # (index type, metric)
-        self.metric = self.index[1]
-        self.lexical = store.has_lexical(client, collection)
         started = time.perf_counter()
-        client.load_collection(collection)
-        self.load_ms = (time.perf_counter() - started) * 1e3
+        self.client.load_collection(name)
+        return Target(record, encoder, index, lexical, (time.perf_counter() - started) * 1e3, now)
+
+    @property
+    def index(self) -> tuple[str, str]:
+        return self.target().index
+
+    @property
+    def metric(self) -> str:
+        return self.target().index[1]
+
+    @property
+    def lexical(self) -> bool:
+        return self.target().lexical
+
+    @property
+    def load_ms(self) -> float:
+        return self.target().load_ms
+
+    @property
+    def fingerprint(self) -> str:
+        """The model of the collection last resolved (no call to Milvus)."""
+        return (self._target.encoder if self._target is not None else self.encoder).fingerprint
+
+    def close(self) -> None:
+        for encoder in self._encoders.values():
+            encoder.close()
 
     def search(self, text: str | None = None, image: bytes | None = None, k: int = 10,
                expression: str = "", mode: str = "hybrid") -> SearchResult:
@@ -85,29 +156,32 @@ class Searcher:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         if image is None and (text is None or not text.strip()):
             raise EncodingError("nothing to search: give a query text or an image")
+        target = self.target()
+        collection, encoder = target.record.collection, target.encoder
         depth, notice = max(k, FACET_DEPTH), ""
         if image is not None:
             mode = "dense"
-        elif mode != "dense" and not self.lexical:
-            notice = (f"collection {self.collection!r} has no BM25 field (indexed before lexical search, or by a "
+        elif mode != "dense" and not target.lexical:
+            notice = (f"collection {collection!r} has no BM25 field (indexed before lexical search, or by a "
                       "Milvus before 2.5): searched dense only; re-index with --recreate for hybrid search")
             mode = "dense"
         started = time.perf_counter()
         vector = None
         if image is not None:
-            vector = self.encoder.embed_images([image])[0]
+            vector = encoder.embed_images([image])[0]
         elif mode != "lexical":
-            vector = self.encoder.embed_queries([text])[0]
+            vector = encoder.embed_queries([text])[0]
         embedded = time.perf_counter()
-        timeout = self.encoder.timeout_s
+        timeout = encoder.timeout_s
         dense = ([] if vector is None else
-                 store.search(self.client, [vector], depth, self.collection, expression, self.index, timeout)[0])
+                 store.search(self.client, [vector], depth, collection, expression, target.index, timeout)[0])
         lexical = ([] if mode == "dense" else
-                   store.lexical_search(self.client, [text], depth, self.collection, expression, timeout)[0])
-        hits = combine(mode, dense, lexical, self.metric)
+                   store.lexical_search(self.client, [text], depth, collection, expression, timeout)[0])
+        hits = combine(mode, dense, lexical, target.index[1])
         done = time.perf_counter()
         return SearchResult(text or "<image>", hits[:k], (embedded - started) * 1e3, (done - embedded) * 1e3,
-                            mode, facet_counts(hits[:FACET_DEPTH]), notice)
+                            mode, facet_counts(hits[:FACET_DEPTH]), notice, collection,
+                            target.record.fingerprint or "")
 
 
 def filter_expression(values: Mapping[str, object], raw: str | None = None) -> str:
@@ -185,7 +259,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         image = args.image.read_bytes() if args.image else None
         encoder = TritonEncoder(args.triton_url, args.protocol)
-        encoder.check_ready([QUERY_ENCODER] + ([IMAGE_ENCODER] if image else []))
         client = store.connect(args.milvus_uri, args.token, args.user, args.password)
         searcher = Searcher(encoder, client, args.collection)
         result = searcher.search(args.query, image, args.top_k, build_filter(args), args.mode)

@@ -7,6 +7,7 @@ same code serves Milvus Lite (a local file: `runs/milvus.db`) and Milvus standal
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -35,6 +36,8 @@ SCALARS: dict[str, int | None] = {
 OUTPUT_FIELDS = list(SCALARS)
 ID_MAX_LENGTH = 256
 MODEL_KEY = "model_fingerprint"  # in the collection's description: which model made its vectors
+TAG_KEY = "model_tag"  # ... and which Triton model set serves that model (core.specs.model_name)
+PREVIOUS_KEY = "previous"  # ... and which collection the alias served before it (an upgrade's rollback)
 UNKNOWN = "unknown"  # what a repository exported before fingerprints reports
 # Lexical search: Milvus's own BM25 over the product text (title + description), next to the vector.
 TEXT = "text"  # what BM25 reads: core.preprocess.product_text
@@ -90,8 +93,7 @@ def connect(uri: str = DEFAULT_URI, token: str | None = None, user: str | None =
     token = token or os.environ.get("MILVUS_TOKEN") or ""
     user = user or os.environ.get("MILVUS_USER") or ""
     password = password or os.environ.get("MILVUS_PASSWORD") or ""
-    is_local = not re.match(r"^(https?|tcp|grpc)://", uri)
-    if is_local:
+    if is_lite(uri):
         os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
     try:
         # Its own connection alias: pymilvus otherwise shares one per URI, and closing any client
@@ -125,10 +127,12 @@ def collection_metric(client, collection: str = COLLECTION) -> str:
 
 
 def ensure_collection(client, dim: int, collection: str = COLLECTION, index_type: str = "AUTOINDEX",
-                      metric: str = METRIC, fingerprint: str | None = None) -> None:
+                      metric: str = METRIC, fingerprint: str | None = None, tag: str = "",
+                      previous: str | None = None) -> None:
     """Create the collection (schema + vector index) unless it exists with the same dimension and model.
 
-    `fingerprint` (the served model's, see check_model) is recorded in the collection's description.
+    The collection's description records `fingerprint` (the served model's, see check_model), the
+    Triton model set `tag` that serves it, and the `previous` collection an upgrade replaces.
     """
     existing = collection_dim(client, collection)
     if existing is not None:
@@ -142,7 +146,8 @@ def ensure_collection(client, dim: int, collection: str = COLLECTION, index_type
         raise StoreError(f"unknown metric {metric!r}: expected one of {METRICS}")
     if index_type not in INDEX_PARAMS:
         raise StoreError(f"unknown index type {index_type!r}: expected one of {list(INDEX_PARAMS)}")
-    description = json.dumps({MODEL_KEY: fingerprint}) if fingerprint and fingerprint != UNKNOWN else ""
+    record = {MODEL_KEY: fingerprint if fingerprint != UNKNOWN else None, TAG_KEY: tag or None, PREVIOUS_KEY: previous}
+    description = json.dumps({k: v for k, v in record.items() if v}) if any(record.values()) else ""
 
     def create(lexical: bool) -> None:
         schema, index = _schema(client, dim, description, lexical), client.prepare_index_params()
@@ -151,28 +156,96 @@ def ensure_collection(client, dim: int, collection: str = COLLECTION, index_type
             index.add_index(SPARSE, index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
         client.create_collection(collection, schema=schema, index_params=index)
 
-    pymilvus_log = logging.getLogger("pymilvus")
-    level = pymilvus_log.level
-    pymilvus_log.setLevel(logging.CRITICAL)  # its own ERROR lines for the refusal below: ours says it once
-    try:
-        create(lexical=True)
-    except Exception as exc:  # a Milvus before 2.5: no analyzers, no BM25 function
-        logger.warning("this Milvus has no BM25 full-text search (%s: %s); collection %s is dense-only, and "
-                       "lexical and hybrid search fall back to dense", type(exc).__name__, str(exc)[:120], collection)
-        if client.has_collection(collection):  # Milvus 2.3 creates the collection, then refuses its index
-            client.drop_collection(collection)
-        create(lexical=False)
-    finally:
-        pymilvus_log.setLevel(level)
+    with _quiet_pymilvus():  # its own ERROR lines for the refusal below: ours says it once
+        try:
+            create(lexical=True)
+        except Exception as exc:  # a Milvus before 2.5: no analyzers, no BM25 function
+            logger.warning("this Milvus has no BM25 full-text search (%s: %s); collection %s is dense-only, and "
+                           "lexical and hybrid search fall back to dense", type(exc).__name__, str(exc)[:120],
+                           collection)
+            if client.has_collection(collection):  # Milvus 2.3 creates the collection, then refuses its index
+                client.drop_collection(collection)
+            create(lexical=False)
     logger.info("created collection %s (%d-d, %s, %s)", collection, dim, index_type, metric)
+
+
+@contextlib.contextmanager
+def _quiet_pymilvus():
+    """pymilvus logs an ERROR line for every refused call, even the ones asked to find out (is this an alias?)."""
+    log = logging.getLogger("pymilvus")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+@dataclass(frozen=True)
+class CollectionRecord:
+    """What a serving name resolves to: the collection behind it (itself, or an alias's target) and the
+    model its vectors came from, read in one call, so a query never pairs one model with another's vectors."""
+
+    collection: str
+    fingerprint: str | None  # None: not recorded (a collection made before fingerprints)
+    tag: str = ""
+    previous: str | None = None
+
+
+def collection_record(client, name: str = COLLECTION) -> CollectionRecord:
+    info = client.describe_collection(name)  # an alias describes its target collection
+    try:
+        record = json.loads(info.get("description") or "{}")
+    except ValueError:
+        record = {}
+    if not isinstance(record, dict):
+        record = {}
+    return CollectionRecord(info.get("collection_name") or name, record.get(MODEL_KEY), record.get(TAG_KEY) or "",
+                            record.get(PREVIOUS_KEY))
 
 
 def collection_model(client, collection: str = COLLECTION) -> str | None:
     """The fingerprint of the model whose vectors the collection holds (None: not recorded, an older one)."""
+    return collection_record(client, collection).fingerprint
+
+
+def versioned_name(alias: str, fingerprint: str) -> str:
+    """The collection an upgrade indexes a model into, behind the serving alias (Milvus names: \\w only)."""
+    return f"{alias}__{re.sub(r'[^0-9A-Za-z_]', '_', fingerprint)}"
+
+
+def is_lite(uri: str) -> bool:
+    """A Milvus Lite file (one process per file, no aliases) rather than a server."""
+    return not re.match(r"^(https?|tcp|grpc)://", uri)
+
+
+def alias_target(client, alias: str) -> str | None:
+    """The collection `alias` points at (None: not an alias)."""
+    from pymilvus.exceptions import MilvusException
+
     try:
-        return json.loads(client.describe_collection(collection).get("description") or "{}").get(MODEL_KEY)
-    except ValueError:
+        with _quiet_pymilvus():
+            return client.describe_alias(alias)["collection_name"]
+    except MilvusException:
         return None
+
+
+def switch_alias(client, alias: str, target: str) -> str | None:
+    """Point the serving name `alias` at `target` atomically; returns the collection it served before.
+
+    A collection that itself carries the serving name (made by client/index.py before any upgrade) is
+    renamed to its versioned name first: the one moment the name does not resolve (milliseconds).
+    """
+    before = alias_target(client, alias)
+    if before is not None:
+        client.alter_alias(target, alias)
+        return before
+    if client.has_collection(alias):
+        record = collection_record(client, alias)
+        before = versioned_name(alias, record.fingerprint or "unversioned")
+        client.rename_collection(alias, before)
+    client.create_alias(target, alias)
+    return before
 
 
 def check_model(client, collection: str, fingerprint: str | None) -> None:

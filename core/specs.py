@@ -80,3 +80,20 @@ def graph_specs(embed_dim: int, part_dim: int, multimodal: bool, image_size: int
         specs[IMAGE_QUERY_HEAD] = GraphSpec(IMAGE_QUERY_HEAD, (image,),
                                             (TensorSpec(IMAGE_QUERY_EMBEDDING, "TYPE_FP32", (embed_dim,)),))
     return specs
+
+
+# -- model sets: a repository can serve several trained models side by side (an upgrade) ------
+# The default set has the names above; another set's every model carries its tag: query_encoder__v2.
+TAG_SEPARATOR = "__"
+
+
+def model_name(base: str, tag: str = "") -> str:
+    """The served name of `base` in the model set `tag` ("" = the default set)."""
+    if tag and (TAG_SEPARATOR in tag or not tag.replace("-", "").replace(".", "").isalnum()):
+        raise ValueError(f"model set tag {tag!r}: letters, digits, '-' and '.' only")
+    return f"{base}{TAG_SEPARATOR}{tag}" if tag else base
+
+
+def in_model_set(name: str, tag: str = "") -> bool:
+    """Whether a served model name belongs to the set `tag`."""
+    return name.endswith(TAG_SEPARATOR + tag) if tag else TAG_SEPARATOR not in name

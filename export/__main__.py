@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from core.catalog import DEFAULT_CATALOG, ColumnMap
+from core.specs import QUERY_ENCODER, TAG_SEPARATOR, model_name
 from training.factory import create_model, create_tokenizer, load_checkpoint_config
 
 from .graphs import GRAPHS_ROOT, export_graph, graph_specs, graphs_dir_for
@@ -23,6 +24,11 @@ from .variants import QUALITY_BOUND, VARIANTS, build_variant
 
 logger = logging.getLogger("export")
 REPORT_FILE = "export_report.json"
+
+
+def report_file(tag: str = "") -> str:
+    """The export report of model set `tag` in a repository (the default set's: REPORT_FILE)."""
+    return REPORT_FILE if not tag else f"export_report{TAG_SEPARATOR}{tag}.json"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="dynamic batching delay of the query path (latency-bound)")
     p.add_argument("--product-queue-delay-us", type=int, default=ServingCfg.product_queue_delay_us,
                    help="dynamic batching delay of the product and image path (throughput-bound)")
+    p.add_argument("--tag", default="",
+                   help="write the models as a separate model set (query_encoder__TAG, ...) beside the ones the "
+                        "repository holds: a running Triton serves both during an upgrade (client/upgrade.py)")
     p.add_argument("--force", action="store_true", help="re-export the ONNX graphs even if they are up to date")
     p.add_argument("--graphs-dir", default=str(GRAPHS_ROOT),
                    help="where the ONNX graphs go: <graphs-dir>/<checkpoint name>-<weights digest>/<variant>/")
@@ -125,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("export").setLevel(logging.INFO)
     args = parse_args(argv)
+    model_name(QUERY_ENCODER, args.tag)  # refuses a malformed tag before any work
     checkpoint, out = Path(args.checkpoint), Path(args.out)
     measure = [v for v in args.measure.split(",") if v]
     variant = args.variant
@@ -143,12 +153,13 @@ def main(argv: list[str] | None = None) -> None:
                          query_intra_op_threads=args.query_intra_op_threads,
                          query_queue_delay_us=args.query_queue_delay_us,
                          product_queue_delay_us=args.product_queue_delay_us)
-    previous = out / REPORT_FILE
+    previous = out / report_file(args.tag)
     if previous.is_file():  # replace what an earlier export wrote, and only that
         for name in json.loads(previous.read_text()).get("models", []):
             shutil.rmtree(out / name, ignore_errors=True)
     report["models"] = write_repository(out, checkpoint, specs, graphs_dir / report["variant"],
-                                        args.backend, serving)
+                                        args.backend, serving, args.tag)
+    report["tag"] = args.tag
     report["serving"] = {k: v for k, v in vars(serving).items() if k != "extra"}
     previous.write_text(json.dumps(report, indent=2) + "\n")
     logger.info("wrote %s (%s backend, %s graphs): %s", out, args.backend, report["variant"],

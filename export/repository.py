@@ -58,6 +58,8 @@ from core.specs import (
     TEXT_TOWER,
     GraphSpec,
     TensorSpec,
+    in_model_set,
+    model_name,
 )
 
 from .graphs import weights_digest
@@ -176,7 +178,8 @@ class TextFront:
 
 
 def _tower(repo: Path, spec: GraphSpec, graph: Path, backend: str, serving: ServingCfg, delay_us: int,
-           query: bool = False, front: TextFront | None = None) -> None:
+           query: bool = False, front: TextFront | None = None, name: str | None = None) -> None:
+    name = name or spec.name
     instances = serving.query_tower_instances if query else serving.tower_instances
     threads = serving.query_intra_op_threads if query else serving.intra_op_threads
     files = {"model.onnx": graph}
@@ -190,15 +193,15 @@ def _tower(repo: Path, spec: GraphSpec, graph: Path, backend: str, serving: Serv
             inputs, params, files = front.inputs, {**params, **front.params}, {**files, **front.files}
             if front.text_mask:
                 outputs.append(TEXT_MASK_SPEC)
-        config = _config(spec.name, 'backend: "python"\n', inputs, outputs, serving, "KIND_CPU",
+        config = _config(name, 'backend: "python"\n', inputs, outputs, serving, "KIND_CPU",
                          instances, delay_us, params)
     elif backend == "onnxruntime":
-        config = _config(spec.name, 'platform: "onnxruntime_onnx"\n', spec.inputs, spec.outputs, serving,
-                         "KIND_GPU", instances, delay_us, extra=_trt_accelerator(serving, spec.name))
+        config = _config(name, 'platform: "onnxruntime_onnx"\n', spec.inputs, spec.outputs, serving,
+                         "KIND_GPU", instances, delay_us, extra=_trt_accelerator(serving, name))
     else:  # tensorrt: model.onnx stays beside the plan as the engine's source
-        config = _config(spec.name, 'platform: "tensorrt_plan"\n', spec.inputs, spec.outputs, serving,
+        config = _config(name, 'platform: "tensorrt_plan"\n', spec.inputs, spec.outputs, serving,
                          "KIND_GPU", instances, delay_us)
-    _write(repo, spec.name, config, files)
+    _write(repo, name, config, files)
 
 
 def model_fingerprint(checkpoint: Path, graphs_dir: Path) -> str:
@@ -208,23 +211,26 @@ def model_fingerprint(checkpoint: Path, graphs_dir: Path) -> str:
 
 
 def _ensemble(repo: Path, name: str, inputs, steps: list[tuple[str, dict, dict]], out_dim: int,
-              serving: ServingCfg, params: dict[str, str] | None = None) -> None:
+              serving: ServingCfg, params: dict[str, str] | None = None, tag: str = "") -> None:
     text = f'name: "{name}"\nplatform: "ensemble"\nmax_batch_size: {serving.max_batch_size}\n'
     text += _io("input", inputs) + _io("output", [TensorSpec(EMBEDDING, "TYPE_FP32", (out_dim,))])
     text += "ensemble_scheduling {\n  step [\n"
     rendered = []
     for model, input_map, output_map in steps:
-        s = f'    {{\n      model_name: "{model}"\n      model_version: -1\n'
+        s = f'    {{\n      model_name: "{model_name(model, tag)}"\n      model_version: -1\n'
         s += "".join(f'      input_map {{ key: "{k}" value: "{v}" }}\n' for k, v in input_map.items())
         s += "".join(f'      output_map {{ key: "{k}" value: "{v}" }}\n' for k, v in output_map.items())
         rendered.append(s + "    }")
     text += ",\n".join(rendered) + "\n  ]\n}\n"
-    _write(repo, name, text + _params(params or {}))
+    _write(repo, model_name(name, tag), text.replace(f'name: "{name}"', f'name: "{model_name(name, tag)}"', 1)
+           + _params(params or {}))
 
 
 def write_repository(repo: Path, checkpoint: Path, specs: dict[str, GraphSpec], graphs_dir: Path,
-                     backend: str, serving: ServingCfg | None = None) -> list[str]:
-    """Write every model of the repository; returns the model names."""
+                     backend: str, serving: ServingCfg | None = None, tag: str = "") -> list[str]:
+    """Write every model of the model set `tag` (core.specs.model_name) into the repository, beside any
+    other set it holds; returns the set's model names."""
+    nm = lambda base: model_name(base, tag)  # noqa: E731
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: expected one of {BACKENDS}")
     serving = serving or ServingCfg()
@@ -260,20 +266,25 @@ def write_repository(repo: Path, checkpoint: Path, specs: dict[str, GraphSpec], 
             if name == PRODUCT_TOKENIZER:
                 outputs.append(TEXT_MASK_SPEC)
             delay = serving.query_queue_delay_us if name == QUERY_TOKENIZER else serving.product_queue_delay_us
-            _write(repo, name, _config(name, 'backend: "python"\n', inputs, outputs, serving, "KIND_CPU",
+            _write(repo, nm(name), _config(nm(name), 'backend: "python"\n', inputs, outputs, serving, "KIND_CPU",
                                        serving.preprocess_instances, delay, tokenizer_params(name)),
                    {"model.py": TRITON_MODELS / "tokenizer.py", **text_files})
     for name, spec in specs.items():
         delay = serving.query_queue_delay_us if name == QUERY_TOWER else serving.product_queue_delay_us
         _tower(repo, spec, graphs_dir / f"{name}.onnx", backend, serving, delay, query=name == QUERY_TOWER,
-               front=fronts.get(name))
+               front=fronts.get(name), name=nm(name))
     if backend == "tensorrt":
         lengths = {QUERY_TOWER: pre["query_max_length"], TEXT_TOWER: pre["max_length"]}
-        engines = {name: {"onnx": f"{name}/1/model.onnx", "plan": f"{name}/1/model.plan", "fp16": serving.trt_fp16,
+        engines = {nm(name): {"onnx": f"{nm(name)}/1/model.onnx", "plan": f"{nm(name)}/1/model.plan",
+                              "fp16": serving.trt_fp16,
                           "shapes": _engine_shapes(spec, {INPUT_IDS: lengths.get(name, -1),
                                                           ATTENTION_MASK: lengths.get(name, -1)}, serving)}
                    for name, spec in specs.items()}
-        (repo / ENGINES_FILE).write_text(json.dumps(engines, indent=2) + "\n")
+        engines_file = repo / ENGINES_FILE
+        if engines_file.is_file():  # other model sets' engines stay listed
+            engines = {**{k: v for k, v in json.loads(engines_file.read_text()).items() if not in_model_set(k, tag)},
+                       **engines}
+        engines_file.write_text(json.dumps(engines, indent=2) + "\n")
 
     # The ensemble wiring: each step maps its model's tensors (names from core.specs) to ensemble tensors.
     identity = lambda tensors: {t.name: t.name for t in tensors}  # noqa: E731
@@ -287,11 +298,11 @@ def write_repository(repo: Path, checkpoint: Path, specs: dict[str, GraphSpec], 
                        (QUERY_TOWER, q_ids, {QUERY_EMBEDDING: EMBEDDING})]
         text_steps = [(PRODUCT_TOKENIZER, identity(text_inputs), dict(p_ids)),
                       (TEXT_TOWER, p_ids, {TEXT_EMBEDDING: TEXT_EMBEDDING})]
-    _ensemble(repo, QUERY_ENCODER, query_inputs, query_steps, dim, serving, fingerprint)
+    _ensemble(repo, QUERY_ENCODER, query_inputs, query_steps, dim, serving, fingerprint, tag)
     if not multimodal:  # text-only model: the product embedding is the text tower's
         text_steps[-1][2][TEXT_EMBEDDING] = EMBEDDING
-        _ensemble(repo, PRODUCT_ENCODER, text_inputs, text_steps, dim, serving, fingerprint)
-        return sorted(p.parent.name for p in repo.glob("*/config.pbtxt"))
+        _ensemble(repo, PRODUCT_ENCODER, text_inputs, text_steps, dim, serving, fingerprint, tag)
+        return model_set(repo, tag)
     text_steps[0][2][TEXT_MASK] = TEXT_MASK  # the tokenizing step says which products have text
 
     image = pre["image"]
@@ -302,8 +313,8 @@ def write_repository(repo: Path, checkpoint: Path, specs: dict[str, GraphSpec], 
                    "preprocess.py": Path(preprocess_module.__file__)}
     for name, allow_missing, outputs in ((IMAGE_PREPROCESS, "true", (pixels, IMAGE_MASK_SPEC)),
                                          (QUERY_IMAGE_PREPROCESS, "false", (pixels,))):
-        _write(repo, name, _config(
-            name, 'backend: "python"\n', [IMAGE_INPUT], outputs, serving, "KIND_CPU",
+        _write(repo, nm(name), _config(
+            nm(name), 'backend: "python"\n', [IMAGE_INPUT], outputs, serving, "KIND_CPU",
             serving.preprocess_instances, serving.product_queue_delay_us,
             {**image_params, "allow_missing": allow_missing}), image_files)
 
@@ -313,11 +324,16 @@ def write_repository(repo: Path, checkpoint: Path, specs: dict[str, GraphSpec], 
         (IMAGE_TOWER, {PIXEL_VALUES: PIXEL_VALUES}, {IMAGE_EMBEDDING: IMAGE_EMBEDDING}),
         (FUSION, {TEXT_EMBEDDING: TEXT_EMBEDDING, IMAGE_EMBEDDING: IMAGE_EMBEDDING,
                   TEXT_MASK: TEXT_MASK, IMAGE_MASK: IMAGE_MASK}, {PRODUCT_EMBEDDING: EMBEDDING}),
-    ], dim, serving, fingerprint)
+    ], dim, serving, fingerprint, tag)
     q_pixels, q_image = "q_" + PIXEL_VALUES, "q_" + IMAGE_EMBEDDING
     _ensemble(repo, IMAGE_ENCODER, [IMAGE_INPUT], [
         (QUERY_IMAGE_PREPROCESS, {IMAGE: IMAGE}, {PIXEL_VALUES: q_pixels}),
         (IMAGE_TOWER, {PIXEL_VALUES: q_pixels}, {IMAGE_EMBEDDING: q_image}),
         (IMAGE_QUERY_HEAD, {IMAGE_EMBEDDING: q_image}, {IMAGE_QUERY_EMBEDDING: EMBEDDING}),
-    ], dim, serving, fingerprint)
-    return sorted(p.parent.name for p in repo.glob("*/config.pbtxt"))
+    ], dim, serving, fingerprint, tag)
+    return model_set(repo, tag)
+
+
+def model_set(repo: Path, tag: str = "") -> list[str]:
+    """The names of the models of set `tag` the repository holds."""
+    return sorted(p.parent.name for p in repo.glob("*/config.pbtxt") if in_model_set(p.parent.name, tag))

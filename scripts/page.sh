@@ -8,6 +8,10 @@ REPO=${REPO:-model_repository}
 MILVUS_URI=${MILVUS_URI:-runs/milvus.db}
 PORT=${PORT:-8080}
 PY=.venv/bin/python
-$PY -m export.serve --model-repository "$REPO" --detach
-trap '$PY -m export.serve --stop' EXIT
+if $PY -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=2)" 2>/dev/null; then
+    echo "Triton already serves on 127.0.0.1:8000 (make serve): using it"
+else
+    $PY -m export.serve --model-repository "$REPO" --detach
+    trap '$PY -m export.serve --stop' EXIT
+fi
 $PY client/app.py --catalog "$CATALOG" --milvus-uri "$MILVUS_URI" --port "$PORT"

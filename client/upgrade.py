@@ -1,0 +1,221 @@
+"""Upgrade the served model without downtime, on a Milvus server: index, compare, switch, roll back.
+
+    python -m export --checkpoint runs/new --out model_repository --tag v2       # the new model set
+    python client/upgrade.py --tag v2 --milvus-uri http://127.0.0.1:19530        # index, evaluate, switch
+    python client/upgrade.py --status --milvus-uri http://127.0.0.1:19530
+    python client/upgrade.py --rollback --milvus-uri http://127.0.0.1:19530
+
+The serving name (`--collection`, default products) is a Milvus alias. An upgrade loads the model set
+`--tag` into the running Triton (model control explicit, with its admin key), indexes the catalog
+through it into a new collection (products__<fingerprint>) while the old one serves, evaluates both
+through Triton + Milvus on the same query set, and switches the alias only if the new one is not
+worse than the current one by more than `--tolerance` nDCG@10 on any query kind. Searchers resolve
+the alias and embed with the model set the collection records, so no query pairs one model with the
+other's vectors. The old collection and model set stay for `--rollback`.
+
+Milvus Lite has no aliases and is one process per file (the page holds it): there, index the new model
+into another `--collection` with client/index.py, evaluate it, and restart the page with that name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: python client/upgrade.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pymilvus.exceptions import MilvusException
+
+from client import store
+from client.encoder import EncoderUnavailable, TritonEncoder, _protocol_module
+from client.evaluate import evaluate_served
+from client.index import Indexer, add_connection_args
+from core.catalog import DEFAULT_CATALOG, CatalogError, ColumnMap
+from core.queries import DEFAULT_EVAL_SET
+from core.specs import PRODUCT_ENCODER, QUERY_ENCODER, in_model_set
+
+logger = logging.getLogger("client.upgrade")
+
+DEFAULT_TOLERANCE = 0.01  # nDCG@10 the new model may lose per query kind: about the noise of ~200 queries
+METRIC = "ndcg@10"
+
+
+class UpgradeError(RuntimeError):
+    pass
+
+
+@dataclass
+class UpgradeReport:
+    alias: str
+    candidate: str  # the collection the new model was indexed into
+    fingerprint: str
+    current: str | None  # the collection the alias served before (None: first deployment)
+    candidate_metrics: dict = field(default_factory=dict)
+    current_metrics: dict = field(default_factory=dict)
+    promoted: bool = False
+    why: str = ""
+
+
+def load_model_set(triton_url: str, protocol: str, tag: str, admin_key: str | None) -> list[str]:
+    """Load every model of set `tag` the server's repository holds (model control explicit); returns them."""
+    module = _protocol_module(protocol)
+    client = module.InferenceServerClient(triton_url)
+    # export.serve restricts the repository API to the header "admin-key"; gRPC prefixes restricted headers.
+    header = "triton-grpc-protocol-admin-key" if protocol == "grpc" else "admin-key"
+    headers = {header: admin_key} if admin_key else None
+    try:
+        index = client.get_model_repository_index(headers=headers, **({"as_json": True} if protocol == "grpc" else {}))
+        models = index.get("models", []) if isinstance(index, dict) else index
+        names = sorted(m["name"] for m in models if in_model_set(m["name"], tag))
+        if not names:
+            raise UpgradeError(f"Triton's repository holds no model set {tag!r}: export it first "
+                               f"(python -m export --checkpoint RUN --out model_repository --tag {tag})")
+        for name in names:
+            if not client.is_model_ready(name):
+                logger.info("loading %s", name)
+                client.load_model(name, headers=headers)
+        return names
+    except module.InferenceServerException as exc:
+        raise UpgradeError(f"Triton refused to load model set {tag!r} ({exc}): serve the repository with "
+                           "`python -m export.serve --model-control explicit --admin-key KEY` and pass "
+                           "--admin-key (or TRITON_ADMIN_KEY)") from None
+    finally:
+        client.close()
+
+
+def _evaluate(encoder: TritonEncoder, client, collection: str, args) -> dict:
+    result = evaluate_served(encoder, client, args.queries, args.catalog, ColumnMap.from_args(args), collection,
+                             mode=args.mode)
+    return {kind: {METRIC: m[METRIC], "recall@10": m["recall@10"], "queries": m["queries"]}
+            for kind, m in result["metrics"].items()}
+
+
+def decide(candidate: dict, current: dict, tolerance: float) -> tuple[bool, str]:
+    """Promote unless some query kind loses more than `tolerance` of METRIC (a kind only one side has
+    cannot be compared and does not block)."""
+    losses = [f"{kind} {METRIC} {current[kind][METRIC]:.3f} -> {candidate[kind][METRIC]:.3f}"
+              for kind in sorted(set(candidate) & set(current))
+              if candidate[kind][METRIC] < current[kind][METRIC] - tolerance]
+    if losses:
+        return False, f"worse than the serving model beyond {tolerance}: " + "; ".join(losses)
+    return True, "not worse than the serving model within " + str(tolerance)
+
+
+def upgrade(args: argparse.Namespace, client) -> UpgradeReport:
+    alias = args.collection
+    load_model_set(args.triton_url, args.protocol, args.tag, args.admin_key)
+    encoder = TritonEncoder(args.triton_url, args.protocol, tag=args.tag)
+    encoder.check_ready([QUERY_ENCODER, PRODUCT_ENCODER])
+    current = store.collection_record(client, alias) if client.has_collection(alias) else None
+    candidate = store.versioned_name(alias, encoder.fingerprint)
+    report = UpgradeReport(alias, candidate, encoder.fingerprint, current.collection if current else None)
+    if current is not None and current.collection == candidate:
+        report.why = f"{alias} already serves {candidate} (model {encoder.fingerprint})"
+        return report
+    store.ensure_collection(client, encoder.embed_dim, candidate, args.index_type, store.METRIC, encoder.fingerprint,
+                            args.tag, previous=current.collection if current else None)
+    indexed = Indexer(args.triton_url, args.protocol, client, candidate, args.batch_size, args.concurrency,
+                      args.retries, tag=args.tag).run(args.catalog, ColumnMap.from_args(args), args.limit,
+                                                      index_type=args.index_type)
+    logger.info("indexed %s: %s", candidate, indexed.summary())
+    if indexed.failed:
+        raise UpgradeError(f"{len(indexed.failed)} products failed to index into {candidate}: not switching")
+    report.candidate_metrics = _evaluate(encoder, client, candidate, args)
+    if current is not None:
+        current_encoder = TritonEncoder(args.triton_url, args.protocol, tag=current.tag)
+        report.current_metrics = _evaluate(current_encoder, client, current.collection, args)
+        report.promoted, report.why = decide(report.candidate_metrics, report.current_metrics, args.tolerance)
+    else:
+        report.promoted, report.why = True, "first deployment: nothing to compare with"
+    if report.promoted or args.force:
+        store.switch_alias(client, alias, candidate)
+        report.promoted = True
+        logger.info("%s now serves %s; the previous collection %s stays for --rollback", alias, candidate,
+                    report.current)
+    return report
+
+
+def rollback(client, alias: str) -> str:
+    """Point the alias back at the collection the serving one replaced; returns it."""
+    record = store.collection_record(client, alias)
+    if not record.previous or not client.has_collection(record.previous):
+        raise UpgradeError(f"{alias} serves {record.collection}, which records no previous collection to go back to")
+    store.switch_alias(client, alias, record.previous)
+    return record.previous
+
+
+def status(client, alias: str) -> dict:
+    serving = store.collection_record(client, alias) if client.has_collection(alias) else None
+    versions = sorted(c for c in client.list_collections() if c.startswith(f"{alias}__"))
+    return {"alias": alias, "serving": asdict(serving) if serving else None,
+            "is_alias": store.alias_target(client, alias) is not None,
+            "collections": {c: asdict(store.collection_record(client, c)) for c in versions}}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    import os
+
+    p = argparse.ArgumentParser(prog="python client/upgrade.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    action = p.add_mutually_exclusive_group(required=True)
+    action.add_argument("--tag", help="the model set to upgrade to (python -m export ... --tag TAG); '' is the "
+                                      "repository's default set")
+    action.add_argument("--rollback", action="store_true", help="serve the collection the current one replaced")
+    action.add_argument("--status", action="store_true", help="print what the alias serves and what is kept")
+    p.add_argument("--catalog", default=DEFAULT_CATALOG, help="catalog to index with the new model")
+    p.add_argument("--limit", type=int, default=None, help="index only the first N catalog rows")
+    p.add_argument("--queries", type=Path, default=DEFAULT_EVAL_SET,
+                   help="query set both models are evaluated on, through Triton and Milvus")
+    p.add_argument("--mode", choices=("hybrid", "dense", "lexical"), default="hybrid",
+                   help="how the evaluation searches text queries (as client/search.py --mode)")
+    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                   help=f"promote unless some query kind loses more than this much {METRIC}")
+    p.add_argument("--force", action="store_true", help="switch even if the evaluation says worse")
+    p.add_argument("--index-type", choices=list(store.INDEX_PARAMS), default="HNSW",
+                   help="vector index of the new collection")
+    p.add_argument("--batch-size", type=int, default=16, help="products per Triton request while indexing")
+    p.add_argument("--concurrency", type=int, default=4, help="Triton requests in flight while indexing")
+    p.add_argument("--retries", type=int, default=3, help="retries when Triton is down while indexing")
+    p.add_argument("--admin-key", default=os.environ.get("TRITON_ADMIN_KEY"),
+                   help="Triton's admin key, to load the model set (env TRITON_ADMIN_KEY)")
+    p.add_argument("--json", dest="json_out", type=Path, help="also write the report to this JSON file")
+    ColumnMap.add_arguments(p)
+    add_connection_args(p)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    if store.is_lite(args.milvus_uri):
+        print("error: upgrades switch a Milvus alias: they need a Milvus server (python -m client.milvus_server, "
+              "or docker/). On Milvus Lite, index the new model into another --collection with client/index.py, "
+              "evaluate it with client/evaluate.py, and restart the page with --collection NAME.", file=sys.stderr)
+        return 2
+    try:
+        client = store.connect(args.milvus_uri, args.token, args.user, args.password)
+        if args.status:
+            print(json.dumps(status(client, args.collection), indent=2))
+            return 0
+        if args.rollback:
+            print(f"{args.collection} serves {rollback(client, args.collection)} again")
+            return 0
+        report = upgrade(args, client)
+    except (UpgradeError, EncoderUnavailable, store.StoreError, CatalogError, MilvusException) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    text = json.dumps(asdict(report), indent=2)
+    print(text)
+    if args.json_out:
+        args.json_out.write_text(text + "\n")
+    print(f"{'switched' if report.promoted else 'kept'}: {report.why}", file=sys.stderr)
+    return 0 if report.promoted or report.current in (None, report.candidate) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
