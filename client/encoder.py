@@ -50,7 +50,7 @@ class EncodingError(ValueError):
 INVALID_INPUT_STATUS = {"grpc": ("StatusCode.INVALID_ARGUMENT",), "http": ("400",)}
 
 
-def _protocol_module(protocol: str):
+def protocol_module(protocol: str):
     if protocol == "grpc":
         import tritonclient.grpc as module
     elif protocol == "http":
@@ -65,7 +65,7 @@ class TritonEncoder:
         self.url, self.protocol, self.timeout_s = url, protocol, timeout_s
         self.tag = tag  # which model set: the ensembles' served names are model_name(QUERY_ENCODER, tag)...
         model_name(QUERY_ENCODER, tag)  # a malformed tag fails here, not on the first request
-        self.module = _protocol_module(protocol)
+        self.module = protocol_module(protocol)
         kwargs = {"network_timeout": timeout_s} if protocol == "http" else {}
         self.client = self.module.InferenceServerClient(url, **kwargs)
         # Every gRPC call carries a deadline (HTTP's is the connection's network_timeout above).

@@ -83,6 +83,7 @@ class Searcher:
 
     def __init__(self, encoder: TritonEncoder, client, collection: str = store.COLLECTION):
         self.encoder, self.client, self.collection = encoder, client, collection
+        encoder.check_ready(())  # Triton first: an outage of both says Triton, as the page's status does
         self._encoders = {encoder.tag: encoder}
         self._target: Target | None = None
         self.target()

@@ -32,7 +32,7 @@ if __package__ in (None, ""):  # run as a script: python client/upgrade.py
 from pymilvus.exceptions import MilvusException
 
 from client import store
-from client.encoder import EncoderUnavailable, TritonEncoder, _protocol_module
+from client.encoder import EncoderUnavailable, TritonEncoder, protocol_module
 from client.evaluate import evaluate_served
 from client.index import Indexer, add_connection_args
 from core.catalog import DEFAULT_CATALOG, CatalogError, ColumnMap
@@ -63,7 +63,7 @@ class UpgradeReport:
 
 def load_model_set(triton_url: str, protocol: str, tag: str, admin_key: str | None) -> list[str]:
     """Load every model of set `tag` the server's repository holds (model control explicit); returns them."""
-    module = _protocol_module(protocol)
+    module = protocol_module(protocol)
     client = module.InferenceServerClient(triton_url)
     # export.serve restricts the repository API to the header "admin-key"; gRPC prefixes restricted headers.
     header = "triton-grpc-protocol-admin-key" if protocol == "grpc" else "admin-key"
