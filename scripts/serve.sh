@@ -3,7 +3,7 @@
 # running, so the page, client/search.py, client/index.py and client/upgrade.py work at the same time.
 #   make serve                 start both (and, on first use, index the catalog behind the alias "products")
 #   make stop                  stop both
-# Settings: CATALOG, REPO as in demo.sh; MILVUS_DATA (runs/milvus-server), MILVUS_PORT (19530);
+# Settings: CATALOG, REPO, LIMIT as in demo.sh; MILVUS_DATA (runs/milvus-server), MILVUS_PORT (19530);
 # TRITON_ADMIN_KEY (default: generated once into runs/triton/admin-key) guards loading models.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +12,9 @@ REPO=${REPO:-model_repository}
 MILVUS_DATA=${MILVUS_DATA:-runs/milvus-server}
 MILVUS_PORT=${MILVUS_PORT:-19530}
 MILVUS_URI=http://127.0.0.1:$MILVUS_PORT
+LIMIT=${LIMIT:-0}
+limit_args=()
+[ "$LIMIT" != 0 ] && limit_args=(--limit "$LIMIT")
 PY=.venv/bin/python
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 
@@ -38,7 +41,7 @@ sys.exit(0 if store.connect(sys.argv[1]).has_collection(store.COLLECTION) else 1
 PYEOF
 then
     echo "== first deployment: index $CATALOG into Milvus behind the alias ${COLLECTION:-products}"
-    $PY client/upgrade.py --tag "" --catalog "$CATALOG" --milvus-uri "$MILVUS_URI"
+    $PY client/upgrade.py --tag "" --catalog "$CATALOG" --milvus-uri "$MILVUS_URI" "${limit_args[@]}"
 fi
 cat <<EOT
 
