@@ -148,15 +148,14 @@ class Indexer:
         fetch = ImageFetcher(base_dir=df.attrs["base_dir"])
         if store.has_digests(self.client, self.collection):
             digests = self._digests(rows, fetch, lexical)
-            plan = sync.plan(digests, store.read_digests(self.client, self.collection))
+            stored = store.read_digests(self.client, self.collection)
+            plan = sync.plan(digests, stored)
             report.added, report.changed = len(plan.added), len(plan.changed)
             report.unchanged = len(plan.unchanged) if not reindex else 0
             to_embed = plan.to_embed if not reindex else set(digests)
             partial = (f"the catalog was read with --limit {limit}" if limit else "",
                        f"{report.malformed_rows} catalog rows are malformed" if report.malformed_rows else "")
-            report.deletion_refused = sync.deletion_refused(plan, len(plan.unchanged) + len(plan.changed)
-                                                            + len(plan.updated) + len(plan.deleted),
-                                                            max_delete_fraction, partial)
+            report.deletion_refused = sync.deletion_refused(plan, len(stored), max_delete_fraction, partial)
         else:  # a collection made before sync: resume by id, as before
             logger.warning("collection %s has no content digests (made before catalog sync): products it holds "
                            "are kept as they are; index into a new --collection (or --recreate) to sync",
@@ -170,8 +169,8 @@ class Indexer:
                            key=lambda r: text_length(r["title"], r["description"])),
                     digests, lexical, fetch, report, started)
         if plan is not None and not reindex:
-            report.updated = self._rewrite_fields([r for r in rows if r[store.ID] in set(plan.updated)], digests,
-                                                  lexical)
+            updated = set(plan.updated)
+            report.updated = self._rewrite_fields([r for r in rows if r[store.ID] in updated], digests, lexical)
             if plan.deleted and report.deletion_refused:
                 logger.warning("not deleting %d products gone from the catalog: %s", len(plan.deleted),
                                report.deletion_refused)

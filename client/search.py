@@ -117,7 +117,7 @@ class Searcher:
             raise store.StoreError(
                 f"collection {name!r} holds {dim}-d vectors but the served model makes {encoder.embed_dim}-d "
                 "ones: it was indexed with another model. Re-index (python client/index.py --recreate).")
-        store.check_model(self.client, name, encoder.fingerprint)
+        store.require_same_model(name, record.fingerprint, encoder.fingerprint)  # read with the record
         index, lexical = store.collection_index(self.client, name), store.has_lexical(self.client, name)
         # Loading the collection into memory is a one-off cost of a process (about a second at
         # 44k products with Milvus Lite); done here, it is not charged to the first search.

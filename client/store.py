@@ -251,7 +251,11 @@ def switch_alias(client, alias: str, target: str) -> str | None:
 def check_model(client, collection: str, fingerprint: str | None) -> None:
     """Refuse to mix models: a query embedded by one model is meaningless against another's vectors,
     even when both have the same dimension."""
-    recorded = collection_model(client, collection)
+    require_same_model(collection, collection_model(client, collection), fingerprint)
+
+
+def require_same_model(collection: str, recorded: str | None, fingerprint: str | None) -> None:
+    """check_model on a fingerprint already read (a CollectionRecord's): unknown on either side passes."""
     if recorded and fingerprint and fingerprint != UNKNOWN and recorded != fingerprint:
         raise StoreError(f"collection {collection!r} holds vectors of model {recorded}, but Triton serves model "
                          f"{fingerprint}: index the catalog into a new --collection with this model (or --recreate "
