@@ -92,3 +92,32 @@ def test_offline_minilm_weights_load_and_embed_sensibly():
         pooled = F.normalize(model.query_bert(batch["input_ids"], batch["attention_mask"]), dim=-1)
     sims = pooled @ pooled.T
     assert sims[0, 1] > sims[0, 2] + 0.2, sims
+
+
+def test_half_precision_pretrained_weights_train_in_fp32(tmp_path):
+    # transformers 5 keeps the dtype of a half-precision file; the towers must still train and export in fp32.
+    from transformers import AutoModel
+
+    from training.factory import save_checkpoint
+    from training.pretrained import resolve_text_encoder
+
+    half = tmp_path / "minilm-fp16"
+    AutoModel.from_pretrained(resolve_text_encoder("all-MiniLM-L6-v2")).half().save_pretrained(half)
+    create_tokenizer("test-tiny").save_pretrained(half)
+    cfg = get_model_config("text-only")
+    cfg.text_cfg.model = str(half)
+    model = create_model("text-only", cfg=cfg)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    checkpoint = save_checkpoint(model, create_tokenizer("text-only", cfg=cfg), tmp_path / "ckpt")
+    reloaded = create_model(checkpoint)
+    assert {p.dtype for p in reloaded.parameters()} == {torch.float32}
+
+
+def test_device_resolution():
+    from training.encode import resolve_device
+
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="sees no CUDA GPU"):
+            resolve_device("cuda")

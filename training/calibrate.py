@@ -47,7 +47,7 @@ def calibrate(model: ProductSearchModel, tokenizer, products: ProductSet, indice
     photo_ids = [products.ids[i] for i in photos]
     rows = []
     for w in WEIGHTS:
-        ranked = rank(model.encode_image_query(image, w).numpy(), product_emb, ids, k=101)
+        ranked = rank(model.encode_image_query(image, w).cpu().numpy(), product_emb, ids, k=101)
         own = float(np.mean([r[0] == pid for r, pid in zip(ranked, photo_ids)]))
         others, relevant = without_query_products(ranked, same_look, photo_ids)
         metrics = retrieval_metrics(others, relevant)

@@ -69,7 +69,7 @@ def load_pixels(df: pd.DataFrame, image_cfg: dict, report: CatalogReport,
     report.broken_images.extend(broken)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp.npz")
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")  # runs in parallel may fill the same cache
         np.savez(tmp, pixels=pixels, has_image=has_image, broken=json.dumps(broken))
         os.replace(tmp, cache)
     return pixels, has_image

@@ -28,7 +28,7 @@ from core.metrics import format_table, rank, retrieval_metrics, without_query_pr
 from core.queries import QuerySet
 
 from .data import ProductSet, build_product_set
-from .encode import embed_image_queries, embed_products, embed_queries
+from .encode import embed_image_queries, embed_products, embed_queries, resolve_device
 from .factory import create_model, create_tokenizer, load_checkpoint_config
 
 logger = logging.getLogger("training.evaluate")
@@ -47,10 +47,10 @@ def degrade_colour(products: ProductSet) -> ProductSet:
 
 def evaluate(checkpoint: str | Path, queries: QuerySet, catalog: str = DEFAULT_CATALOG,
              columns: ColumnMap | None = None, degrade: str | None = None, cache_dir: str = "cache",
-             corpus_limit: int | None = None) -> dict:
+             corpus_limit: int | None = None, device: str = "auto") -> dict:
     """Metrics per query kind, plus the rankings (for exclusive-match analyses)."""
     checkpoint = Path(checkpoint)
-    model = create_model(checkpoint).eval()
+    model = create_model(checkpoint).eval().to(resolve_device(device))
     tokenizer = create_tokenizer(checkpoint)
     image_cfg = load_checkpoint_config(checkpoint)["preprocess_cfg"]["image"]
     df, report = read_catalog(catalog, columns, limit=corpus_limit)
@@ -111,10 +111,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--degrade", choices=["colour"], default=None, help="remove colour words from product texts")
     p.add_argument("--cache-dir", default="cache", help="where images and product embeddings are cached")
     p.add_argument("--json", dest="json_out", help="also write the metrics to this JSON file")
+    p.add_argument("--device", default="auto", help="where the towers run: auto (a CUDA GPU if torch sees one), "
+                   "cpu, cuda, cuda:N")
     ColumnMap.add_arguments(p)
     args = p.parse_args(argv)
     result = evaluate(args.checkpoint, QuerySet.load(args.queries), args.catalog, ColumnMap.from_args(args),
-                      args.degrade, args.cache_dir, args.corpus_limit)
+                      args.degrade, args.cache_dir, args.corpus_limit, args.device)
     print(format_table({Path(args.checkpoint).name: result}))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({k: v for k, v in result.items() if k != "rankings"}, indent=2))

@@ -41,7 +41,14 @@ def list_models() -> list[str]:
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
-    return (Path(path) / CONFIG_FILE).is_file() and (Path(path) / WEIGHTS_FILE).is_file()
+    """One of ours; a Hugging Face model directory has the same two file names."""
+    config, weights = Path(path) / CONFIG_FILE, Path(path) / WEIGHTS_FILE
+    if not (config.is_file() and weights.is_file()):
+        return False
+    try:
+        return "model_cfg" in json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
 
 
 def get_model_config(name_or_path: str | os.PathLike) -> ModelCfg:
@@ -61,14 +68,17 @@ def get_model_config(name_or_path: str | os.PathLike) -> ModelCfg:
 def _build_bert(source: str, load_weights: bool, attn_implementation: str | None) -> torch.nn.Module:
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if not load_weights:
-        return AutoModel.from_config(AutoConfig.from_pretrained(source), add_pooling_layer=False, **kwargs)
+        return AutoModel.from_config(AutoConfig.from_pretrained(source), add_pooling_layer=False, **kwargs).float()
     # transformers prints a table of the checkpoint's pooler weights (unused: the towers pool
     # themselves) and a progress bar per load; one line of ours says what matters.
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModel.from_pretrained(source, add_pooling_layer=False, **kwargs)
+        # fp32 whatever the file holds: transformers 5 keeps a half-precision checkpoint's dtype,
+        # and the towers train and export in fp32.
+        model = AutoModel.from_pretrained(source, add_pooling_layer=False, **kwargs).float()
+        model.config.torch_dtype = torch.float32  # what checkpoints' text_encoder/config.json then says
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
@@ -165,7 +175,7 @@ def save_checkpoint(model: ProductSearchModel, tokenizer: PreTrainedTokenizerBas
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
              if not (model.cfg.share_text_encoder and k.startswith("product_bert."))}
     save_file(state, str(out / (WEIGHTS_FILE + ".tmp")))
     model.query_bert.bert.config.save_pretrained(out / TEXT_ENCODER_DIR)

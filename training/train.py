@@ -31,7 +31,15 @@ from core.queries import Query, generate_queries, generate_query, look, relevant
 
 from .calibrate import MIN_OWN_AT_1, calibrate
 from .data import ProductSet, build_product_set, photo_queries, split_indices
-from .encode import embed_image_queries, embed_products, embed_queries, pixel_tensor, tokenize
+from .encode import (
+    embed_image_queries,
+    embed_products,
+    embed_queries,
+    model_device,
+    pixel_tensor,
+    resolve_device,
+    tokenize,
+)
 from .factory import create_model, create_tokenizer, get_model_config, list_models, preprocess_config, save_checkpoint
 from .model import ProductSearchModel
 
@@ -81,6 +89,8 @@ class TrainCfg:
                         "epoch ends)")
     eval_at_start: bool = _f(True, "validate the untrained model first (step 0 of the history in config.json)")
     threads: int = _f(0, "torch intra-op threads (0 = torch default)")
+    device: str = _f("auto", "where to train: auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda, "
+                     "cuda:N; checkpoints are the same either way")
     cache_dir: str = _f("cache", "where decoded catalog images are cached between runs")
 
 
@@ -145,13 +155,14 @@ def augment_pixels(pixels: torch.Tensor, gen: torch.Generator, min_scale: float)
     Geometry only: colour is what shoppers search for, so hue and saturation are never touched.
     """
     n = pixels.shape[0]
+    # The random draws come from a CPU generator on any device: the same crops on a GPU and a CPU.
     side = torch.empty(n).uniform_(min_scale, 1.0, generator=gen).sqrt()  # crop side / image side
     shift = (torch.rand(n, 2, generator=gen) * 2 - 1) * (1 - side).unsqueeze(1)
     flip = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0], theta[:, 1, 1] = side * flip, side
     theta[:, :, 2] = shift
-    grid = F.affine_grid(theta, list(pixels.shape), align_corners=False)
+    grid = F.affine_grid(theta.to(pixels.device), list(pixels.shape), align_corners=False)
     return F.grid_sample(pixels, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -179,7 +190,7 @@ class AttributeHeads(nn.Module):
 
     def forward(self, image: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
         rows = torch.from_numpy(idx)
-        return sum(F.cross_entropy(head(image), self.labels[a][rows], ignore_index=-100)
+        return sum(F.cross_entropy(head(image), self.labels[a][rows].to(image.device), ignore_index=-100)
                    for a, head in self.heads.items()) / len(self.heads)
 
 
@@ -211,19 +222,19 @@ def compute_loss(model: ProductSearchModel, tokenizer, products: ProductSet, bat
                  heads: AttributeHeads | None = None) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
     torch.manual_seed(cfg.seed * 104_729 + step)  # dropout inside the towers: exact on resume
-    n, idx = len(batch.queries), batch.products
-    q_batch = tokenize(tokenizer, [q.text for q in batch.queries], model.cfg.text_cfg.query_max_length)
+    n, idx, device = len(batch.queries), batch.products, model_device(model)
+    q_batch = tokenize(tokenizer, [q.text for q in batch.queries], model.cfg.text_cfg.query_max_length, device)
     queries = model.encode_query(**q_batch)
-    p_batch = tokenize(tokenizer, [products.texts[i] for i in idx], model.cfg.text_cfg.max_length)
+    p_batch = tokenize(tokenizer, [products.texts[i] for i in idx], model.cfg.text_cfg.max_length, device)
     text = model.encode_product_text(**p_batch)
     losses = {}
     fn = torch.tensor([[j != i and q.matches(products.attrs[idx[j]]) for j in range(len(idx))]
-                       for i, q in enumerate(batch.queries)])
+                       for i, q in enumerate(batch.queries)], device=device)
     if not model.cfg.multimodal:
         losses["query"] = info_nce(queries, text, model.logit_scale, fn)
         losses["loss"] = losses["query"]
         return losses
-    pixels = pixel_tensor(products.pixels[idx], image_cfg)
+    pixels = pixel_tensor(products.pixels[idx], image_cfg, device)
     if cfg.augment:
         pixels = augment_pixels(pixels, gen, cfg.crop_scale)
     image = model.encode_image(pixels)
@@ -233,23 +244,25 @@ def compute_loss(model: ProductSearchModel, tokenizer, products: ProductSet, bat
     text_mask = (u >= cfg.text_dropout).float()
     image_mask = has_image * (u < 1 - cfg.image_dropout).float()
     text_mask = torch.maximum(text_mask, 1 - image_mask)
-    product = model.fuse(text, image, text_mask, image_mask)
+    product = model.fuse(text, image, text_mask.to(device), image_mask.to(device))
     losses["query"] = info_nce(queries, product, model.logit_scale, fn)
-    rows = torch.nonzero(has_image[:n]).squeeze(1)
+    rows = torch.nonzero(has_image[:n]).squeeze(1)  # on the CPU: it also indexes numpy arrays
     if len(rows):
+        on = rows.to(device)
         looks = [look(products.attrs[i]) for i in idx]
-        same_look = torch.tensor([[looks[r] == looks[j] for j in range(len(idx))] for r in rows.tolist()])
+        same_look = torch.tensor([[looks[r] == looks[j] for j in range(len(idx))] for r in rows.tolist()],
+                                 device=device)
         own = torch.zeros_like(same_look)
-        own[torch.arange(len(rows)), rows] = True
+        own[torch.arange(len(rows), device=device), on] = True
         if cfg.photo_text_weight > 0:
             # Other products of the same look are not negatives of a photo's text (as for queries).
-            losses["photo_text"] = info_nce(image[rows], text[rows], model.logit_scale,
-                                            same_look[:, rows] & ~own[:, rows])
+            losses["photo_text"] = info_nce(image[on], text[on], model.logit_scale,
+                                            same_look[:, on] & ~own[:, on])
         if cfg.image_query_weight > 0:
-            losses["image"] = multi_positive_nce(model.encode_image_query(image[rows]), product,
+            losses["image"] = multi_positive_nce(model.encode_image_query(image[on]), product,
                                                  model.logit_scale, same_look & ~own, own)
         if heads is not None and cfg.attribute_weight > 0:
-            losses["attributes"] = heads(image[rows], idx[rows.numpy()])
+            losses["attributes"] = heads(image[on], idx[rows.numpy()])
     weights = {"query": 1.0, "photo_text": cfg.photo_text_weight, "image": cfg.image_query_weight,
                "attributes": cfg.attribute_weight}
     losses["loss"] = sum(weights[k] * v for k, v in losses.items())
@@ -330,7 +343,7 @@ def train(cfg: TrainCfg, columns: ColumnMap | None = None) -> Path:
     out = Path(cfg.out)
     state_file = out / STATE_FILE
     resuming = state_file.is_file()
-    if resuming and torch.load(state_file, weights_only=False).get("finished"):
+    if resuming and torch.load(state_file, weights_only=False, map_location="cpu").get("finished"):
         logger.info("%s is already trained (delete it, or pick another --out, to train again)", out)
         return out
     source = str(out) if resuming else cfg.model
@@ -351,12 +364,14 @@ def train(cfg: TrainCfg, columns: ColumnMap | None = None) -> Path:
             hard_pool.setdefault(products.attrs[i]["article_type"], []).append(int(i))
 
     torch.manual_seed(cfg.seed)  # the random init of the new parts
-    model = create_model(source)
+    device = resolve_device(cfg.device)
+    model = create_model(source).to(device)
     tokenizer = create_tokenizer(source)
     model.train()
     heads = None
     if model.cfg.multimodal and cfg.attribute_weight > 0:
-        heads = AttributeHeads(products, train_idx, model.cfg.part_dim)
+        heads = AttributeHeads(products, train_idx, model.cfg.part_dim).to(device)
+    logger.info("training on %s", torch.cuda.get_device_name(device) if device.type == "cuda" else device)
     optimizer = build_optimizer(model, cfg, heads)
     steps_per_epoch = len(train_idx) // cfg.batch_size
     if steps_per_epoch == 0:
@@ -368,8 +383,8 @@ def train(cfg: TrainCfg, columns: ColumnMap | None = None) -> Path:
     step, train_seconds = 0, 0.0  # train_seconds: time in training steps, validation excluded
     history: list[dict] = []
     if resuming:
-        state = torch.load(state_file, weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
+        state = torch.load(state_file, weights_only=False, map_location="cpu")
+        optimizer.load_state_dict(state["optimizer"])  # moves its state to the parameters' device
         if heads is not None:
             heads.load_state_dict(state["heads"])
         scheduler.load_state_dict(state["scheduler"])
