@@ -90,7 +90,7 @@ class TrainCfg:
     eval_at_start: bool = _f(True, "validate the untrained model first (step 0 of the history in config.json)")
     threads: int = _f(0, "torch intra-op threads (0 = torch default)")
     device: str = _f("auto", "where to train: auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda, "
-                     "cuda:N; checkpoints are the same either way")
+                     "cuda:N; a checkpoint from either serves and resumes on either")
     cache_dir: str = _f("cache", "where decoded catalog images are cached between runs")
 
 
