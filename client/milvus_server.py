@@ -23,12 +23,12 @@ import os
 import signal
 import socket
 import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from core.server_process import ServerProcess
 
 logger = logging.getLogger("client.milvus_server")
 
@@ -42,10 +42,16 @@ class MilvusServerError(RuntimeError):
 
 
 @dataclass
-class MilvusServer:
+class MilvusServer(ServerProcess):
     """A `milvus run standalone` process in its own process group (the package's own wrapper leaves
     its child running when killed): `with MilvusServer(dir) as server:` starts it and waits until a
     client can list collections."""
+
+    name = "Milvus"
+    error = MilvusServerError
+    stop_signal = signal.SIGTERM  # to the group, then SIGKILL: milvus ignores SIGTERM for a while
+    stop_timeout_s = 15.0
+    poll_s = 0.5
 
     data_dir: Path = DEFAULT_DATA_DIR
     host: str = "127.0.0.1"
@@ -58,10 +64,14 @@ class MilvusServer:
         return f"http://{self.host}:{self.port}"
 
     @property
+    def address(self) -> str:
+        return f"at {self.uri}"
+
+    @property
     def log_file(self) -> Path:
         return Path(self.data_dir) / "logs" / "milvus.log"
 
-    def _configure(self) -> tuple[list[str], dict, Path]:
+    def command(self) -> tuple[list[str], dict, Path]:
         try:
             from milvus import MilvusServerConfig, _initialize_data_files
         except ImportError:
@@ -84,6 +94,8 @@ class MilvusServer:
         env = dict(os.environ, DEPLOY_MODE="STANDALONE", METRICS_PORT=str(self.health_port),
                    MILVUS_RUN_DIR=str(base / "run"))
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(binary.parent), env.get("LD_LIBRARY_PATH")]))
+        logger.info("starting Milvus standalone on %s (data %s, health :%d), log: %s", self.uri, base,
+                    self.health_port, self.log_file)
         return [str(binary), "run", "standalone"], env, base
 
     def _etcd_ports(self) -> dict[str, int]:
@@ -115,58 +127,21 @@ class MilvusServer:
         milvus_yaml.write_text(text)
 
     def start(self, timeout_s: float = 180.0) -> MilvusServer:
-        command, env, base = self._configure()
-        self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_file, "ab")
-        logger.info("starting Milvus standalone on %s (data %s, health :%d), log: %s", self.uri, base,
-                    self.health_port, self.log_file)
-        self.process = subprocess.Popen(command, cwd=base, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
-        log.close()
-        self.wait_ready(timeout_s)
-        return self
+        return super().start(timeout_s)
 
-    def wait_ready(self, timeout_s: float) -> None:
+    def ready(self) -> bool:
         """Healthy and serving: /healthz says OK early, so a real client call decides."""
         from pymilvus import MilvusClient
 
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process is not None and self.process.poll() is not None:
-                raise MilvusServerError(f"milvus exited with code {self.process.returncode}; see {self.log_file}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2) as r:
-                    healthy = b"OK" in r.read()
-                if healthy:
-                    client = MilvusClient(uri=self.uri, timeout=5)
-                    client.list_collections()
-                    client.close()
-                    logger.info("Milvus ready at %s", self.uri)
-                    return
-            except Exception:  # noqa: BLE001 - not up yet, whatever the client library raises
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise MilvusServerError(f"Milvus not ready after {timeout_s:.0f}s; see {self.log_file}")
-
-    def stop(self, timeout_s: float = 15.0) -> None:
-        """SIGTERM to the group, then SIGKILL: the milvus process ignores SIGTERM for a while."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        _end_group(self.process.pid, timeout_s)
-        self.process.wait()
-
-    def kill(self) -> None:
-        """kill -9, as a crash would (tests)."""
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-
-    def __enter__(self) -> MilvusServer:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2) as r:
+            if b"OK" not in r.read():
+                return False
+        client = MilvusClient(uri=self.uri, timeout=5)
+        try:
+            client.list_collections()
+        finally:
+            client.close()
+        return True
 
 
 def _reusable_socket(port: int) -> socket.socket | None:
@@ -191,18 +166,6 @@ def _bindable(port: int) -> bool:
             return False
 
 
-def _end_group(pid: int, timeout_s: float) -> None:
-    try:
-        os.killpg(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            os.kill(pid, 0)
-            time.sleep(0.25)
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m client.milvus_server", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -220,29 +183,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     pid_file = args.data / "milvus.pid"
     if args.stop:
-        if not pid_file.exists():
-            logger.info("no detached server (%s missing)", pid_file)
-            return
-        pid = int(pid_file.read_text())
-        _end_group(pid, 15.0)
-        pid_file.unlink(missing_ok=True)
-        logger.info("stopped Milvus (pid %d)", pid)
+        MilvusServer.stop_detached(pid_file)
         return
     server = MilvusServer(args.data, port=args.port)
-    try:
-        server.start(args.timeout)
-    except MilvusServerError as exc:
-        sys.exit(f"error: {exc}")
-    if args.detach:
-        pid_file.write_text(str(server.process.pid))
-        logger.info("detached (pid %d): --milvus-uri %s; stop with: python -m client.milvus_server --stop",
-                    server.process.pid, server.uri)
-        return
-    try:
-        server.process.wait()
-    except KeyboardInterrupt:
-        server.stop()
-
+    server.serve(pid_file, args.timeout, args.detach,
+                 f"python -m client.milvus_server --stop (clients: --milvus-uri {server.uri})")
 
 if __name__ == "__main__":
     main()

@@ -20,12 +20,12 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from core.server_process import ServerProcess
 
 logger = logging.getLogger("export.serve")
 
@@ -82,8 +82,14 @@ def locate_tritonserver(serve_env: Path = DEFAULT_SERVE_ENV) -> tuple[Path, Path
 
 
 @dataclass
-class TritonServer:
+class TritonServer(ServerProcess):
     """A tritonserver process: `with TritonServer(repo) as server:` starts it and waits for readiness."""
+
+    name = "tritonserver"
+    error = ServerError
+    stop_signal = signal.SIGINT  # Triton drains in-flight requests on SIGINT
+    signal_group = False  # and then ends its Python-backend stubs itself
+    stop_timeout_s = 30.0
 
     model_repository: Path
     host: str = "127.0.0.1"
@@ -105,7 +111,11 @@ class TritonServer:
     def grpc_url(self) -> str:
         return f"{self.host}:{self.grpc_port}"
 
-    def command(self) -> tuple[list[str], dict]:
+    @property
+    def address(self) -> str:
+        return f"at http {self.http_url}, grpc {self.grpc_url}"
+
+    def command(self) -> tuple[list[str], dict, None]:
         binary, backends, env = locate_tritonserver(self.serve_env)
         args = [
             str(binary), f"--model-repository={Path(self.model_repository).resolve()}",
@@ -121,50 +131,13 @@ class TritonServer:
         if self.admin_key:
             restricted = f"model-repository,shared-memory,logging,trace:admin-key={self.admin_key}"
             args += [f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}"]
-        return args + self.extra_args, env
-
-    def start(self, timeout_s: float = 120.0) -> TritonServer:
-        args, env = self.command()
-        log = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         logger.info("starting tritonserver on %s (http %d, grpc %d, metrics %d), log: %s",
                     self.host, self.http_port, self.grpc_port, self.metrics_port, self.log_file)
-        self.process = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
-        self.wait_ready(timeout_s)
-        return self
+        return args + self.extra_args, env, None
 
-    def wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        url = f"http://{self.http_url}/v2/health/ready"
-        while time.monotonic() < deadline:
-            if self.process is not None and self.process.poll() is not None:
-                raise ServerError(f"tritonserver exited with code {self.process.returncode}; see {self.log_file}")
-            try:
-                with urllib.request.urlopen(url, timeout=1) as response:
-                    if response.status == 200:
-                        logger.info("tritonserver ready at %s", self.http_url)
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(0.25)
-        self.stop()
-        raise ServerError(f"tritonserver not ready after {timeout_s:.0f}s; see {self.log_file}")
-
-    def stop(self, timeout_s: float = 30.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGINT)  # Triton drains in-flight requests on SIGINT
-        try:
-            self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-
-    def __enter__(self) -> TritonServer:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    def ready(self) -> bool:
+        with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=1) as response:
+            return response.status == 200
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -195,37 +168,12 @@ def main(argv: list[str] | None = None) -> None:
     args.run_dir.mkdir(parents=True, exist_ok=True)
     pid_file = args.run_dir / "tritonserver.pid"
     if args.stop:
-        if not pid_file.exists():
-            logger.info("no detached server (%s missing)", pid_file)
-            return
-        pid = int(pid_file.read_text())
-        try:
-            os.kill(pid, signal.SIGINT)
-            for _ in range(120):
-                os.kill(pid, 0)
-                time.sleep(0.25)
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        pid_file.unlink(missing_ok=True)
-        logger.info("stopped tritonserver (pid %d)", pid)
+        TritonServer.stop_detached(pid_file)
         return
     server = TritonServer(Path(args.model_repository), args.host, args.http_port, args.grpc_port,
                           args.metrics_port, args.run_dir / "tritonserver.log", args.serve_env,
                           args.model_control, args.admin_key)
-    try:
-        server.start(args.timeout)
-    except ServerError as exc:
-        sys.exit(f"error: {exc}")
-    if args.detach:
-        pid_file.write_text(str(server.process.pid))
-        logger.info("detached (pid %d); stop with: python -m export.serve --stop", server.process.pid)
-        return
-    try:
-        server.process.wait()
-    except KeyboardInterrupt:
-        server.stop()
-
+    server.serve(pid_file, args.timeout, args.detach, "python -m export.serve --stop")
 
 if __name__ == "__main__":
     main()
