@@ -305,6 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         client = store.connect(args.milvus_uri, args.token, args.user, args.password)
+        if args.recreate and (served := store.alias_target(client, args.collection)):
+            print(f"error: {args.collection} is the serving alias of {served}: --recreate would take search away "
+                  f"from every client. Rebuild it with client/upgrade.py (indexes beside it, switches when it is "
+                  f"ready), or drop {served} by its own name (--collection {served} --recreate) once nothing "
+                  f"serves it", file=sys.stderr)
+            return 2
         if args.recreate and client.has_collection(args.collection):
             client.drop_collection(args.collection)
         collection, tag = args.collection, ""

@@ -3,7 +3,8 @@
 # Each stage reuses what an earlier run built (FORCE=1 rebuilds everything). Settings:
 #   CATALOG     catalog file (.parquet/.csv/.jsonl)   default ../shared/data/fashion/catalog.parquet
 #   MODEL       model config (training/model_configs)  default mm3-concat
-#   RUN         checkpoint directory                   default runs/$MODEL
+#   EPOCHS      training epochs (3: photo search >= 0.50, about an hour here, minutes on a GPU)  default 1
+#   RUN         checkpoint directory                   default runs/$MODEL (runs/$MODEL-e$EPOCHS past 1)
 #   REPO        Triton model repository                default model_repository
 #   MILVUS_URI  Milvus Lite file or http://host:19530  default runs/milvus.db
 #   LIMIT       use only the first N catalog rows      default all
@@ -11,7 +12,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 CATALOG=${CATALOG:-../shared/data/fashion/catalog.parquet}
 MODEL=${MODEL:-mm3-concat}
-RUN=${RUN:-runs/$MODEL}
+EPOCHS=${EPOCHS:-1}
+if [ "$EPOCHS" = 1 ]; then RUN=${RUN:-runs/$MODEL}; else RUN=${RUN:-runs/$MODEL-e$EPOCHS}; fi
 REPO=${REPO:-model_repository}
 MILVUS_URI=${MILVUS_URI:-runs/milvus.db}
 LIMIT=${LIMIT:-0}
@@ -26,11 +28,14 @@ if [ "${FORCE:-0}" = 1 ]; then
 fi
 
 step "1/6 train $MODEL on $CATALOG -> $RUN (resumes; skipped when done)"
-$PY -m training.train --model "$MODEL" --catalog "$CATALOG" --out "$RUN" "${limit_args[@]}"
+$PY -m training.train --model "$MODEL" --catalog "$CATALOG" --out "$RUN" --epochs "$EPOCHS" "${limit_args[@]}"
 
 step "2/6 export $RUN -> $REPO (ONNX, parity checks, Triton configs)"
-if [ ! -f "$REPO/export_report.json" ] || [ "$RUN/model.safetensors" -nt "$REPO/export_report.json" ]; then
+exported=0
+if [ ! -f "$REPO/export_report.json" ] || [ "$RUN/model.safetensors" -nt "$REPO/export_report.json" ] \
+        || ! grep -q "\"checkpoint\": \"$RUN\"" "$REPO/export_report.json"; then
     $PY -m export --checkpoint "$RUN" --out "$REPO" --backend python --catalog "$CATALOG"
+    exported=1
 else
     echo "up to date: $REPO/export_report.json"
 fi
@@ -40,7 +45,11 @@ $PY -m export.serve --model-repository "$REPO" --detach
 trap '$PY -m export.serve --stop' EXIT
 
 step "4/6 index $CATALOG into Milvus ($MILVUS_URI) through product_encoder"
-$PY client/index.py --catalog "$CATALOG" --milvus-uri "$MILVUS_URI" "${limit_args[@]}"
+recreate=()
+# A new model makes the demo's own Lite file stale (its vectors are another space): rebuild it. A server's
+# collections are never dropped here: index.py refuses a stale one and says what to do.
+if [ "$exported" = 1 ] && [ -e "$MILVUS_URI" ] && [[ "$MILVUS_URI" != http* ]]; then recreate=(--recreate); fi
+$PY client/index.py --catalog "$CATALOG" --milvus-uri "$MILVUS_URI" "${limit_args[@]}" "${recreate[@]}"
 
 step "5/6 search"
 for query in "red kurta for women" "men's black leather wallet" "white running shoes" "PL13090JS-28E"; do

@@ -13,6 +13,7 @@ import pytest
 
 from client import store
 from client.encoder import TritonEncoder
+from client.index import main as index_main
 from client.milvus_server import MilvusServer
 from client.search import RESOLVE_EVERY_S, Searcher
 from client.upgrade import main as upgrade_main
@@ -126,8 +127,13 @@ def test_upgrade_switches_under_load_with_no_failed_and_no_mixed_queries(deploym
     # The gate: a candidate that must beat the serving model by 1.0 nDCG is not promoted.
     assert _upgrade(triton, milvus, base, "--tag", "", "--tolerance", "-1.0") == 1
     assert store.collection_record(client, "products").collection == new
-    # Rollback: the alias serves the previous collection again, and searchers follow.
+    # --recreate on the serving alias would drop what every searcher uses: refused, with the way to do it.
     capsys.readouterr()
+    assert index_main(["--recreate", "--milvus-uri", milvus.uri, "--triton-url", triton.grpc_url, "--protocol",
+                       "grpc", "--catalog", str(CATALOG), "--limit", "5"]) == 2
+    assert "client/upgrade.py" in capsys.readouterr().err
+    assert store.collection_record(client, "products").collection == new and store.count(client, new) == N
+    # Rollback: the alias serves the previous collection again, and searchers follow.
     assert upgrade_main(["--rollback", "--milvus-uri", milvus.uri]) == 0
     assert store.collection_record(client, "products").collection == old
     searcher = Searcher(TritonEncoder(triton.grpc_url, "grpc"), client, "products")
