@@ -305,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         client = store.connect(args.milvus_uri, args.token, args.user, args.password)
-        if args.recreate and (served := store.alias_target(client, args.collection)):
+        served = None if store.is_lite(args.milvus_uri) else store.alias_target(client, args.collection)  # Lite: none
+        if args.recreate and served:
             print(f"error: {args.collection} is the serving alias of {served}: --recreate would take search away "
                   f"from every client. Rebuild it with client/upgrade.py (indexes beside it, switches when it is "
                   f"ready), or drop {served} by its own name (--collection {served} --recreate) once nothing "

@@ -16,6 +16,7 @@ EPOCHS=${EPOCHS:-1}
 if [ "$EPOCHS" = 1 ]; then RUN=${RUN:-runs/$MODEL}; else RUN=${RUN:-runs/$MODEL-e$EPOCHS}; fi
 REPO=${REPO:-model_repository}
 MILVUS_URI=${MILVUS_URI:-runs/milvus.db}
+export -n MILVUS_URI  # pymilvus reads this variable at import and rejects a Lite file path in it
 LIMIT=${LIMIT:-0}
 PY=.venv/bin/python
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}

@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 CATALOG=${CATALOG:-../shared/data/fashion/catalog.parquet}
 REPO=${REPO:-model_repository}
 MILVUS_URI=${MILVUS_URI:-runs/milvus.db}
+export -n MILVUS_URI  # pymilvus reads this variable at import and rejects a Lite file path in it
 PORT=${PORT:-8080}
 PY=.venv/bin/python
 if $PY -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=2)" 2>/dev/null; then
