@@ -179,3 +179,16 @@ def test_served_evaluation_agrees_with_the_in_process_one(triton, milvus, milvus
                           "--json", str(tmp_path / "served.json")])
     assert code == 0 and "| served (300 products, dense) | text |" in capsys.readouterr().out
     assert json.loads((tmp_path / "served.json").read_text())["metrics"]["text"]["queries"] == 60
+
+
+def test_recreate_rebuilds_a_lite_collection(triton, tmp_path, catalog_path):
+    # Lite has no aliases (describe_alias is UNIMPLEMENTED there): --recreate must not ask it for one.
+    from client.index import main as index_main
+
+    args = ["--catalog", str(catalog_path), "--limit", "12", "--milvus-uri", str(tmp_path / "r.db"),
+            "--triton-url", triton.grpc_url, "--protocol", "grpc"]
+    assert index_main(args) == 0
+    assert index_main([*args[:3], "8", *args[4:], "--recreate"]) == 0  # fewer products: a rebuild, not a sync
+    client = store.connect(str(tmp_path / "r.db"))
+    assert store.count(client, "products") == 8
+    client.close()
