@@ -31,7 +31,7 @@ from core.catalog import DEFAULT_CATALOG  # noqa: E402
 from core.queries import QuerySet  # noqa: E402
 from training.encode import resolve_device  # noqa: E402
 from training.evaluate import evaluate  # noqa: E402
-from training.train import TrainCfg, train  # noqa: E402
+from training.train import TrainCfg, field_parser, train  # noqa: E402
 
 MODELS = ("mm3-concat", "text-only", "mm3-mlp", "mm4-concat", "mm3-alpha", "mm4-alpha", "mm4-mlp")
 RESULTS = Path(__file__).parent / "results"
@@ -126,15 +126,13 @@ def hardware(device: str) -> str:
 
 def parse_overrides(items: list[str]) -> dict:
     """`key=value` pairs -> TrainCfg overrides, each value parsed as its field's type."""
-    types = {f.name: f.type for f in dataclasses.fields(TrainCfg)}
+    fields = {f.name: f for f in dataclasses.fields(TrainCfg)}
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or key not in types:
-            raise SystemExit(f"--set {item!r}: expected key=value with key one of {', '.join(types)}")
-        kind = types[key]
-        out[key] = (value.lower() in ("1", "true", "yes") if kind == "bool"
-                    else {"int": int, "float": float}.get(kind, str)(value))
+        if not sep or key not in fields:
+            raise SystemExit(f"--set {item!r}: expected key=value with key one of {', '.join(fields)}")
+        out[key] = field_parser(fields[key])(value)
     return out
 
 

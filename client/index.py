@@ -305,8 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         client = store.connect(args.milvus_uri, args.token, args.user, args.password)
-        served = None if store.is_lite(args.milvus_uri) else store.alias_target(client, args.collection)  # Lite: none
-        if args.recreate and served:
+        # Lite has no aliases (it answers describe_alias with UNIMPLEMENTED): only a server is asked.
+        served = args.recreate and not store.is_lite(args.milvus_uri) and store.alias_target(client, args.collection)
+        if served:
             print(f"error: {args.collection} is the serving alias of {served}: --recreate would take search away "
                   f"from every client. Rebuild it with client/upgrade.py (indexes beside it, switches when it is "
                   f"ready), or drop {served} by its own name (--collection {served} --recreate) once nothing "

@@ -50,6 +50,7 @@ class MilvusServer(ServerProcess):
     name = "Milvus"
     error = MilvusServerError
     stop_signal = signal.SIGTERM  # to the group, then SIGKILL: milvus ignores SIGTERM for a while
+    start_timeout_s = 180.0
     stop_timeout_s = 15.0
     poll_s = 0.5
 
@@ -125,9 +126,6 @@ class MilvusServer(ServerProcess):
         if "\n  config:\n    path:" not in text:  # etcd.config.path: the template has no such key
             text = text.replace("\netcd:\n", f"\netcd:\n  config:\n    path: {etcd}\n", 1)
         milvus_yaml.write_text(text)
-
-    def start(self, timeout_s: float = 180.0) -> MilvusServer:
-        return super().start(timeout_s)
 
     def ready(self) -> bool:
         """Healthy and serving: /healthz says OK early, so a real client call decides."""

@@ -25,6 +25,7 @@ class ServerProcess:
     error: type[Exception] = RuntimeError  # what start() raises when the server dies or never serves
     stop_signal = signal.SIGTERM
     signal_group = True  # signal the whole process group, or the main process alone (it then ends its children)
+    start_timeout_s = 120.0
     stop_timeout_s = 15.0
     poll_s = 0.25
     process: subprocess.Popen | None = None
@@ -43,7 +44,7 @@ class ServerProcess:
         """True once the server answers a real request; may raise while it is starting."""
         raise NotImplementedError
 
-    def start(self, timeout_s: float = 120.0):
+    def start(self, timeout_s: float | None = None):
         args, env, cwd = self.command()
         if self.log_file is not None:
             Path(self.log_file).parent.mkdir(parents=True, exist_ok=True)
@@ -54,7 +55,7 @@ class ServerProcess:
         finally:
             if log is not subprocess.DEVNULL:
                 log.close()  # the child holds its own descriptor
-        self.wait_ready(timeout_s)
+        self.wait_ready(self.start_timeout_s if timeout_s is None else timeout_s)
         return self
 
     def wait_ready(self, timeout_s: float) -> None:
@@ -72,13 +73,13 @@ class ServerProcess:
         self.stop()
         raise self.error(f"{self.name} not ready after {timeout_s:.0f}s; see {self.log_file}")
 
-    def stop(self, timeout_s: float | None = None) -> None:
+    def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
             return
         pid = self.process.pid
         _signal(pid, self.stop_signal, self.signal_group)
         try:
-            self.process.wait(self.stop_timeout_s if timeout_s is None else timeout_s)
+            self.process.wait(self.stop_timeout_s)
         except subprocess.TimeoutExpired:
             _signal(pid, signal.SIGKILL, group=True)
             self.process.wait()

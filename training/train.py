@@ -94,6 +94,13 @@ class TrainCfg:
     cache_dir: str = _f("cache", "where decoded catalog images are cached between runs")
 
 
+def field_parser(f: dataclasses.Field):
+    """How a TrainCfg field's value is read from text (its flag, or bench/compare_towers.py's --set)."""
+    if f.type == "bool":
+        return lambda text: text.lower() in ("1", "true", "yes")
+    return {"int": int, "float": float}.get(f.type, str)
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[TrainCfg, ColumnMap]:
     parser = argparse.ArgumentParser(
         prog="python -m training.train", description=__doc__.split("\n\n")[0],
@@ -104,8 +111,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainCfg, ColumnMap]:
         if f.type == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
         else:
-            kind = {"int": int, "float": float}.get(f.type, str)
-            parser.add_argument(flag, type=kind, default=None, help=f.metadata["help"] + f" (default: {f.default})")
+            parser.add_argument(flag, type=field_parser(f), default=None,
+                                help=f.metadata["help"] + f" (default: {f.default})")
     ColumnMap.add_arguments(parser)
     parser.epilog = "models: " + ", ".join(list_models())
     args = parser.parse_args(argv)
