@@ -24,9 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from client import store  # noqa: E402
+from client.connection import add_connection_args  # noqa: E402
 from client.encoder import TritonEncoder  # noqa: E402
 from client.fusion import fuse  # noqa: E402
-from client.index import add_connection_args  # noqa: E402
 from client.search import Searcher  # noqa: E402
 from core.catalog import DEFAULT_CATALOG, read_catalog  # noqa: E402
 from core.metrics import percentiles, retrieval_metrics  # noqa: E402

@@ -34,12 +34,13 @@ from fastapi.exception_handlers import request_validation_exception_handler  # n
 from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response  # noqa: E402
 
-from client import store  # noqa: E402
+from client import serving, store  # noqa: E402
+from client.connection import add_connection_args  # noqa: E402
 from client.encoder import EncoderUnavailable, EncodingError, TritonEncoder  # noqa: E402
-from client.index import add_connection_args  # noqa: E402
+from client.filters import filter_expression  # noqa: E402
 from client.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE  # noqa: E402
 from client.metrics import Metrics  # noqa: E402
-from client.search import Searcher, SearchResult, filter_expression  # noqa: E402
+from client.search import Searcher, SearchResult  # noqa: E402
 from core.catalog import DEFAULT_CATALOG, ColumnMap, ImageFetcher, has_image_ref, read_catalog  # noqa: E402
 from core.specs import QUERY_ENCODER  # noqa: E402
 
@@ -161,7 +162,7 @@ class Backend:
             out["triton"] = f"unhealthy: {exc}"
         try:
             milvus = milvus or store.connect(self.milvus_uri, *self.credentials, timeout_s=timeout_s)
-            out["milvus"] = "ok" if store.collection_dim(milvus, self.collection) else \
+            out["milvus"] = "ok" if serving.resolve(milvus, self.collection) else \
                 f"unhealthy: no collection {self.collection!r} (index a catalog first)"
         except Exception as exc:  # noqa: BLE001
             milvus = None

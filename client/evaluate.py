@@ -23,10 +23,11 @@ if str(ROOT) not in sys.path:  # `python client/evaluate.py` from a checkout
 
 from tqdm import tqdm  # noqa: E402
 
-from client import store  # noqa: E402
+from client import serving, store  # noqa: E402
+from client.capabilities import lexical_missing  # noqa: E402
+from client.connection import add_connection_args  # noqa: E402
 from client.encoder import EncoderUnavailable, EncodingError, TritonEncoder  # noqa: E402
 from client.fusion import MODES, combine  # noqa: E402
-from client.index import add_connection_args  # noqa: E402
 from core.catalog import DEFAULT_CATALOG, CatalogError, ColumnMap, ImageFetcher, read_catalog  # noqa: E402
 from core.metrics import KS, format_table, retrieval_metrics, without_query_products  # noqa: E402
 from core.queries import DEFAULT_EVAL_SET, QuerySet  # noqa: E402
@@ -50,8 +51,7 @@ def evaluate_served(encoder: TritonEncoder, client, queries: Path, catalog: str 
     wanted = {r for rel in qs.text_relevant + qs.image_relevant for r in rel}
     indexed = store.existing_ids(client, sorted(wanted), collection)
     if mode != "dense" and not store.has_lexical(client, collection):
-        logger.warning("collection %s has no BM25 field: text queries evaluated dense (re-index with --recreate)",
-                       collection)
+        logger.warning("text queries evaluated dense, not %s: %s", mode, lexical_missing(client, collection))
         mode = "dense"
     out = {"collection": collection, "products": store.count(client, collection), "mode": mode, "metrics": {}}
 
@@ -117,9 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         client = store.connect(args.milvus_uri, args.token, args.user, args.password)
-        if store.collection_dim(client, args.collection) is None:
-            raise store.StoreError(f"no collection {args.collection!r}: index a catalog first")
-        record = store.collection_record(client, args.collection)  # an alias: the collection it serves now
+        record = serving.collection_record(client, args.collection)  # the collection the name serves now
         encoder = TritonEncoder(args.triton_url, args.protocol, tag=record.tag)
         encoder.check_ready([QUERY_ENCODER])
         result = evaluate_served(encoder, client, args.queries, args.catalog, ColumnMap.from_args(args),

@@ -27,7 +27,8 @@ if __package__ in (None, ""):  # run as a script: python client/index.py
 from pymilvus.exceptions import MilvusException
 from tqdm import tqdm
 
-from client import store, sync
+from client import serving, store, sync
+from client.connection import add_connection_args
 from client.encoder import EncoderUnavailable, EncodingError, TritonEncoder
 from core.catalog import DEFAULT_CATALOG, CatalogError, ColumnMap, ImageFetcher, has_image_ref, read_catalog
 from core.specs import PRODUCT_ENCODER
@@ -126,7 +127,7 @@ class Indexer:
         return kept, vectors, text_only, failed
 
     def run(self, catalog: str, columns: ColumnMap | None = None, limit: int | None = None,
-            reindex: bool = False, index_type: str = "AUTOINDEX", metric: str = store.METRIC,
+            reindex: bool = False, index_type: str | None = None, metric: str = store.METRIC,
             max_delete_fraction: float = DEFAULT_MAX_DELETE_FRACTION) -> IndexReport:
         """Sync the collection with the catalog: embed what is new or changed, rewrite rows whose other
         fields changed, delete what left the catalog (not with `limit` or malformed rows: the catalog
@@ -269,8 +270,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--catalog", default=DEFAULT_CATALOG, help="catalog file: .parquet, .csv or .jsonl")
     p.add_argument("--limit", type=int, default=None, help="index only the first N catalog rows")
     add_connection_args(p)
-    p.add_argument("--index-type", choices=list(store.INDEX_PARAMS), default="AUTOINDEX",
-                   help="vector index (Milvus Lite supports AUTOINDEX, FLAT and IVF_FLAT; standalone also HNSW)")
+    p.add_argument("--index-type", choices=list(store.INDEX_PARAMS), default=None,
+                   help="vector index of a new collection (default: HNSW on a Milvus server, AUTOINDEX on Lite, "
+                        "which has only AUTOINDEX, FLAT and IVF_FLAT)")
     p.add_argument("--metric", choices=store.METRICS, default=store.METRIC,
                    help="similarity of the vector index (embeddings are unit vectors: all three rank alike); "
                         "search reads it from the collection")
@@ -287,37 +289,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def add_connection_args(p: argparse.ArgumentParser) -> None:
-    """Triton and Milvus flags shared by index.py and search.py."""
-    p.add_argument("--triton-url", default="127.0.0.1:8001",
-                   help="Triton endpoint, host:port (gRPC port for --protocol grpc, HTTP port for http)")
-    p.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="protocol to talk to Triton")
-    p.add_argument("--milvus-uri", default=store.DEFAULT_URI,
-                   help="Milvus Lite file (path) or a Milvus server (http://host:19530); env MILVUS_URI")
-    p.add_argument("--collection", default=store.COLLECTION, help="Milvus collection")
-    p.add_argument("--token", default=None, help="Milvus token (or env MILVUS_TOKEN); never logged")
-    p.add_argument("--user", default=None, help="Milvus user (or env MILVUS_USER)")
-    p.add_argument("--password", default=None, help="Milvus password (or env MILVUS_PASSWORD); never logged")
-
-
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
     try:
         client = store.connect(args.milvus_uri, args.token, args.user, args.password)
-        # Lite has no aliases (it answers describe_alias with UNIMPLEMENTED): only a server is asked.
-        served = args.recreate and not store.is_lite(args.milvus_uri) and store.alias_target(client, args.collection)
-        if served:
-            print(f"error: {args.collection} is the serving alias of {served}: --recreate would take search away "
-                  f"from every client. Rebuild it with client/upgrade.py (indexes beside it, switches when it is "
-                  f"ready), or drop {served} by its own name (--collection {served} --recreate) once nothing "
-                  f"serves it", file=sys.stderr)
+        routed = serving.route(client, args.collection)
+        if args.recreate and routed is not None:
+            print(f"error: {args.collection} is a serving name routed to {routed.target}: --recreate would take "
+                  f"search away from every client. Rebuild it with client/upgrade.py (indexes beside it, switches "
+                  f"when it is ready), or drop {routed.target} by its own name (--collection {routed.target} "
+                  f"--recreate) once nothing serves it", file=sys.stderr)
             return 2
         if args.recreate and client.has_collection(args.collection):
             client.drop_collection(args.collection)
         collection, tag = args.collection, ""
-        if client.has_collection(collection):  # an alias (after an upgrade): sync the collection it serves
-            record = store.collection_record(client, collection)
+        if serving.resolve(client, collection):  # a routed name (after an upgrade): sync what it serves
+            record = serving.collection_record(client, collection)
             collection, tag = record.collection, record.tag
         indexer = Indexer(args.triton_url, args.protocol, client, collection, args.batch_size,
                           args.concurrency, args.retries, tag=tag)
@@ -333,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("text-only: product %s (%s)", pid, why)
     for pid, why in report.failed[:5]:
         logger.warning("failed: product %s (%s)", pid, why)
-    logger.info("collection %s now holds %d products", args.collection, store.count(client, args.collection))
+    logger.info("collection %s now holds %d products", collection, store.count(client, collection))
     return 1 if report.failed else 0
 
 

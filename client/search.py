@@ -14,32 +14,21 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: python client/search.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from client import store
+from client import serving, store
+from client.capabilities import lexical_missing
+from client.connection import add_connection_args
 from client.encoder import EncoderUnavailable, EncodingError, TritonEncoder
+from client.filters import FILTERS, filter_expression
 from client.fusion import MODES, combine, facet_counts
-from client.index import add_connection_args
 from core.specs import QUERY_ENCODER
 
 logger = logging.getLogger("client.search")
-
-# Structured filters: flag -> (template, parameter). Values are quoted by store.render_filter.
-FILTERS = {
-    "category": ("master_category == {category}", str),
-    "article_type": ("article_type == {article_type}", str),
-    "colour": ("base_colour == {colour}", str),
-    "gender": ("gender == {gender}", str),
-    "usage": ("usage == {usage}", str),
-    "min_price": ("price >= {min_price}", float),
-    "max_price": ("price <= {max_price}", float),
-}
-
 
 FACET_DEPTH = 100  # facets count the values among this many top hits
 
@@ -65,7 +54,7 @@ class Target:
     """One collection and the encoder of the model that made its vectors: a query is embedded and
     searched with the same pair, so a switch (an upgrade's alias) never mixes two models."""
 
-    record: store.CollectionRecord
+    record: serving.CollectionRecord
     encoder: TritonEncoder
     index: tuple[str, str]  # (index type, metric)
     lexical: bool
@@ -76,7 +65,7 @@ class Target:
 class Searcher:
     """Embeds through Triton, searches Milvus; refuses a collection of another dimension or model.
 
-    `collection` is a serving name: a collection, or (on a Milvus server) an alias an upgrade switches.
+    `collection` is a serving name: a collection, or a name an upgrade routes (client/serving.py).
     It is resolved at most every RESOLVE_EVERY_S; each search uses one resolution for both its embedding
     (the model set the collection records) and its search (that collection, by its own name).
     """
@@ -93,10 +82,7 @@ class Searcher:
         current = self._target
         if current is not None and now - current.checked < RESOLVE_EVERY_S:
             return current
-        if not self.client.has_collection(self.collection):
-            raise store.StoreError(f"no collection {self.collection!r}: index a catalog first "
-                                   "(python client/index.py --catalog PATH)")
-        record = store.collection_record(self.client, self.collection)
+        record = serving.collection_record(self.client, self.collection)
         if current is not None and record == current.record:
             current.checked = now
             return current
@@ -106,7 +92,7 @@ class Searcher:
                         record.fingerprint)
         return self._target
 
-    def _open(self, record: store.CollectionRecord, now: float) -> Target:
+    def _open(self, record: serving.CollectionRecord, now: float) -> Target:
         encoder = self._encoders.get(record.tag)
         if encoder is None:
             encoder = self._encoders[record.tag] = self.encoder.with_tag(record.tag)
@@ -163,8 +149,7 @@ class Searcher:
         if image is not None:
             mode = "dense"
         elif mode != "dense" and not target.lexical:
-            notice = (f"collection {collection!r} has no BM25 field (indexed before lexical search, or by a "
-                      "Milvus before 2.5): searched dense only; re-index with --recreate for hybrid search")
+            notice = lexical_missing(self.client, collection)
             mode = "dense"
         started = time.perf_counter()
         vector = None
@@ -183,27 +168,6 @@ class Searcher:
         return SearchResult(text or "<image>", hits[:k], (embedded - started) * 1e3, (done - embedded) * 1e3,
                             mode, facet_counts(hits[:FACET_DEPTH]), notice, collection,
                             target.record.fingerprint or "")
-
-
-def filter_expression(values: Mapping[str, object], raw: str | None = None) -> str:
-    """A Milvus expression from FILTERS values (None = not set) and an optional raw expression.
-
-    Raises ValueError when a value does not convert to its filter's type.
-    """
-    parts, params = [], {}
-    for name, (template, kind) in FILTERS.items():
-        value = values.get(name)
-        if value is None:
-            continue
-        try:
-            params[name] = kind(value)
-        except ValueError:
-            raise ValueError(f"{name} must be a {kind.__name__}, not {value!r}") from None
-        parts.append(template)
-    expression = store.render_filter(" and ".join(parts), params) if parts else ""
-    if raw:  # a raw Milvus expression from the user, taken as written
-        expression = f"({raw}) and ({expression})" if expression else raw
-    return expression
 
 
 def build_filter(args: argparse.Namespace) -> str:

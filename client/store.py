@@ -7,7 +7,6 @@ same code serves Milvus Lite (a local file: `runs/milvus.db`) and Milvus standal
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -18,6 +17,7 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from client.capabilities import capabilities
 from core.preprocess import product_text
 
 logger = logging.getLogger(__name__)
@@ -126,13 +126,16 @@ def collection_metric(client, collection: str = COLLECTION) -> str:
     return collection_index(client, collection)[1]
 
 
-def ensure_collection(client, dim: int, collection: str = COLLECTION, index_type: str = "AUTOINDEX",
+def ensure_collection(client, dim: int, collection: str = COLLECTION, index_type: str | None = None,
                       metric: str = METRIC, fingerprint: str | None = None, tag: str = "",
                       previous: str | None = None) -> None:
     """Create the collection (schema + vector index) unless it exists with the same dimension and model.
 
     The collection's description records `fingerprint` (the served model's, see check_model), the
     Triton model set `tag` that serves it, and the `previous` collection an upgrade replaces.
+    `index_type` None is the best the server has (HNSW on a server, AUTOINDEX on Lite). The BM25
+    field is made where the server has full-text search (Milvus 2.5+ and Lite 2.5); a server without
+    it gets a dense-only collection and a warning that says what is lost.
     """
     existing = collection_dim(client, collection)
     if existing is not None:
@@ -142,116 +145,48 @@ def ensure_collection(client, dim: int, collection: str = COLLECTION, index_type
         check_model(client, collection, fingerprint)
         client.load_collection(collection)  # a restarted server holds it unloaded until asked (2.3)
         return
+    caps = capabilities(client)
+    index_type = index_type or caps.best_index()
     if metric not in METRICS:
         raise StoreError(f"unknown metric {metric!r}: expected one of {METRICS}")
-    if index_type not in INDEX_PARAMS:
-        raise StoreError(f"unknown index type {index_type!r}: expected one of {list(INDEX_PARAMS)}")
+    if index_type not in caps.index_types:
+        raise StoreError(f"{caps.server} has no {index_type} index: use one of {list(caps.index_types)}")
     record = {MODEL_KEY: fingerprint if fingerprint != UNKNOWN else None, TAG_KEY: tag or None, PREVIOUS_KEY: previous}
     description = json.dumps({k: v for k, v in record.items() if v}) if any(record.values()) else ""
 
-    def create(lexical: bool) -> None:
-        schema, index = _schema(client, dim, description, lexical), client.prepare_index_params()
-        index.add_index(VECTOR, index_type=index_type, metric_type=metric, params=INDEX_PARAMS[index_type])
-        if lexical:
-            index.add_index(SPARSE, index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
-        client.create_collection(collection, schema=schema, index_params=index)
-
-    with _quiet_pymilvus():  # its own ERROR lines for the refusal below: ours says it once
-        try:
-            create(lexical=True)
-        except Exception as exc:  # a Milvus before 2.5: no analyzers, no BM25 function
-            logger.warning("this Milvus has no BM25 full-text search (%s: %s); collection %s is dense-only, and "
-                           "lexical and hybrid search fall back to dense", type(exc).__name__, str(exc)[:120],
-                           collection)
-            if client.has_collection(collection):  # Milvus 2.3 creates the collection, then refuses its index
-                client.drop_collection(collection)
-            create(lexical=False)
-    logger.info("created collection %s (%d-d, %s, %s)", collection, dim, index_type, metric)
+    if not caps.bm25:
+        logger.warning("%s has no BM25 full-text search: collection %s is dense-only, so lexical and hybrid "
+                       "search fall back to dense (model codes and rare names are then rarely found). Milvus 2.5+ "
+                       "or Lite 2.5 (make serve) have it", caps.server, collection)
+    schema, index = _schema(client, dim, description, caps.bm25), client.prepare_index_params()
+    index.add_index(VECTOR, index_type=index_type, metric_type=metric, params=INDEX_PARAMS[index_type])
+    if caps.bm25:
+        index.add_index(SPARSE, index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
+    client.create_collection(collection, schema=schema, index_params=index, timeout=WRITE_TIMEOUT_S)
+    logger.info("created collection %s (%d-d, %s, %s%s)", collection, dim, index_type, metric,
+                ", BM25" if caps.bm25 else "")
 
 
-@contextlib.contextmanager
-def _quiet_pymilvus():
-    """pymilvus logs an ERROR line for every refused call, even the ones asked to find out (is this an alias?)."""
-    log = logging.getLogger("pymilvus")
-    level = log.level
-    log.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
+def is_lite(uri: str) -> bool:
+    """A Milvus Lite file (one process per file) rather than a server's address."""
+    return not re.match(r"^(https?|tcp|grpc)://", uri)
 
 
-@dataclass(frozen=True)
-class CollectionRecord:
-    """What a serving name resolves to: the collection behind it (itself, or an alias's target) and the
-    model its vectors came from, read in one call, so a query never pairs one model with another's vectors."""
-
-    collection: str
-    fingerprint: str | None  # None: not recorded (a collection made before fingerprints)
-    tag: str = ""
-    previous: str | None = None
-
-
-def collection_record(client, name: str = COLLECTION) -> CollectionRecord:
-    info = client.describe_collection(name)  # an alias describes its target collection
+def description(client, collection: str) -> tuple[str, dict]:
+    """(the collection's own name, the record in its description: model, tag, previous). An alias
+    made by an older release is followed to its collection."""
+    info = client.describe_collection(collection, timeout=10)
     try:
         record = json.loads(info.get("description") or "{}")
     except ValueError:
         record = {}
-    if not isinstance(record, dict):
-        record = {}
-    return CollectionRecord(info.get("collection_name") or name, record.get(MODEL_KEY), record.get(TAG_KEY) or "",
-                            record.get(PREVIOUS_KEY))
-
-
-def collection_model(client, collection: str = COLLECTION) -> str | None:
-    """The fingerprint of the model whose vectors the collection holds (None: not recorded, an older one)."""
-    return collection_record(client, collection).fingerprint
-
-
-def versioned_name(alias: str, fingerprint: str) -> str:
-    """The collection an upgrade indexes a model into, behind the serving alias (Milvus names: \\w only)."""
-    return f"{alias}__{re.sub(r'[^0-9A-Za-z_]', '_', fingerprint)}"
-
-
-def is_lite(uri: str) -> bool:
-    """A Milvus Lite file (one process per file, no aliases) rather than a server."""
-    return not re.match(r"^(https?|tcp|grpc)://", uri)
-
-
-def alias_target(client, alias: str) -> str | None:
-    """The collection `alias` points at (None: not an alias)."""
-    from pymilvus.exceptions import MilvusException
-
-    try:
-        with _quiet_pymilvus():
-            return client.describe_alias(alias)["collection_name"]
-    except MilvusException:
-        return None
-
-
-def switch_alias(client, alias: str, target: str) -> str | None:
-    """Point the serving name `alias` at `target` atomically; returns the collection it served before.
-
-    A collection that itself carries the serving name (made by client/index.py before any upgrade) is
-    renamed to its versioned name first: the one moment the name does not resolve (milliseconds).
-    """
-    before = alias_target(client, alias)
-    if before is not None:
-        client.alter_alias(target, alias)
-        return before
-    if client.has_collection(alias):
-        record = collection_record(client, alias)
-        before = versioned_name(alias, record.fingerprint or "unversioned")
-        client.rename_collection(alias, before)
-    client.create_alias(target, alias)
-    return before
+    return info.get("collection_name") or collection, record if isinstance(record, dict) else {}
 
 
 def check_model(client, collection: str, fingerprint: str | None) -> None:
     """Refuse to mix models: a query embedded by one model is meaningless against another's vectors,
     even when both have the same dimension."""
-    require_same_model(collection, collection_model(client, collection), fingerprint)
+    require_same_model(collection, description(client, collection)[1].get(MODEL_KEY), fingerprint)
 
 
 def require_same_model(collection: str, recorded: str | None, fingerprint: str | None) -> None:
@@ -384,35 +319,6 @@ def count(client, collection: str = COLLECTION) -> int:
     return int(rows[0]["count(*)"])
 
 
-def _literal(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        if not math.isfinite(value):
-            raise ValueError(f"filter value {value} is not a finite number")
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # double-quoted, with quotes and backslashes escaped
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_literal(v) for v in value) + "]"
-    raise TypeError(f"unsupported filter value {value!r}")
-
-
-def render_filter(template: str, params: Mapping[str, object]) -> str:
-    """Fill `{name}` placeholders with safely quoted literals.
-
-    Milvus 2.5 servers take `filter_params` themselves, but Milvus Lite 2.5 rejects templates, so
-    the client renders them; user values never become expression syntax either way.
-    """
-    def replace(match: re.Match) -> str:
-        name = match.group(1)
-        if name not in params:
-            raise KeyError(f"filter placeholder {{{name}}} has no value")
-        return _literal(params[name])
-
-    return re.sub(r"\{(\w+)\}", replace, template)
-
-
 def _hits(results) -> list[list[Hit]]:
     return [[Hit(str(h["id"]), float(h["distance"]), dict(h["entity"])) for h in hits] for hits in results]
 
@@ -425,9 +331,6 @@ def search(client, vectors: Sequence[Sequence[float]], k: int = 10, collection: 
     `index` (index type, metric) defaults to the collection's own (one describe call; pass
     `collection_index(...)` to save that call).
     """
-    if not client.has_collection(collection):
-        raise StoreError(f"no collection {collection!r}: index a catalog first "
-                         "(python client/index.py --catalog PATH)")
     index_type, metric = index or collection_index(client, collection)
     params = {"metric_type": metric, "params": search_params(index_type, k)}
     results = client.search(collection, data=[list(map(float, v)) for v in vectors], anns_field=VECTOR,

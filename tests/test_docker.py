@@ -119,19 +119,20 @@ def test_compose_rejects_a_broken_file(tmp_path):
     assert result.returncode != 0 and "milvus-dta" in result.stderr
 
 
-def _ngc_to_triton(tag: str) -> str:
-    """NGC release YY.MM -> Triton 2.N (24.10 is 2.51; one minor release a month)."""
-    year, month = (int(x) for x in re.match(r"(\d\d)\.(\d\d)", tag).groups())
-    return f"2.{51 + (year - 24) * 12 + (month - 10)}"
-
-
-def test_triton_image_matches_the_tested_triton_release():
-    dockerfile = (DOCKER / "Dockerfile").read_text()
-    tag = re.search(r"nvcr\.io/nvidia/tritonserver:(\S+)-py3", dockerfile).group(1)
-    client_pin = next(d for d in PYPROJECT["project"]["optional-dependencies"]["client"] if "tritonclient" in d)
-    assert client_pin.endswith(f"=={_ngc_to_triton(tag)}.*"), (tag, client_pin)
-    stack_text = (DOCKER / "compose.yaml").read_text()
+def test_images_are_current_cited_releases_and_the_clients_go_with_them():
+    """Each server image carries its release-notes link beside the pin; the TensorRT image that builds
+    engines is the Triton image's release; the client extra admits the SDK of the Milvus the stack pins."""
+    dockerfile, stack_text = (DOCKER / "Dockerfile").read_text(), (DOCKER / "compose.yaml").read_text()
+    tag = re.search(r"nvcr\.io/nvidia/tritonserver:(\d\d\.\d\d)-py3", dockerfile).group(1)
+    assert f"rel-{tag.replace('.', '-')}.html" in dockerfile  # the release notes of that very tag
     assert f"nvcr.io/nvidia/tensorrt:{tag}-py3" in stack_text  # engines built by the server's TensorRT
+    milvus = re.search(r"milvusdb/milvus:v(\d+)\.(\d+)\.(\d+)", stack_text).groups()
+    assert f"release_notes.md#v{''.join(milvus)}" in stack_text
+    client = PYPROJECT["project"]["optional-dependencies"]["client"]
+    pymilvus = next(d for d in client if d.startswith("pymilvus"))
+    assert f">={milvus[0]}.{milvus[1]}." in pymilvus and f"<{milvus[0]}.{int(milvus[1]) + 1}" in pymilvus
+    tritonclient = next(d for d in client if d.startswith("tritonclient"))
+    assert "==" not in tritonclient  # not locked to one server release: the protocol is stable
 
 
 def test_triton_image_requirements_agree_with_the_serve_extra():

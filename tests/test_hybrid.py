@@ -6,29 +6,12 @@ import pytest
 
 from client import store
 from client.encoder import TritonEncoder
+from client.filters import filter_expression
 from client.fusion import facet_counts, fuse, lexical_confidence
 from client.index import Indexer
-from client.search import Searcher, filter_expression
-from training.make_lexical_sets import CODE
+from client.search import Searcher
 
 pytestmark = pytest.mark.server
-
-
-@pytest.fixture(scope="module")
-def catalog_with_codes(catalog_path, tmp_path_factory) -> tuple:
-    """Real products: the first 200 of the catalog and 40 whose titles hold a model code."""
-    import pandas as pd
-
-    df = pd.read_parquet(catalog_path)
-    with_code = df[df["title"].str.lower().str.split().map(lambda ws: any(CODE.match(w) for w in ws))]
-    subset = pd.concat([df.iloc[:200], with_code.iloc[:40]]).drop_duplicates("product_id")
-    path = tmp_path_factory.mktemp("hybrid") / "catalog.parquet"
-    subset.to_parquet(path)
-    holders: dict[str, list[str]] = {}
-    for pid, title in zip(subset["product_id"].astype(str), subset["title"]):
-        for token in {w for w in title.lower().split() if CODE.match(w)}:
-            holders.setdefault(token, []).append(pid)
-    return path, sorted(holders.items())
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
-"""The local Milvus standalone server (python -m client.milvus_server, PyPI's milvus 2.3.5) as a deployment:
-the page, search.py and the indexer at the same time on one server with HNSW, served evaluation, and
-a `kill -9` of Milvus mid-index followed by a resume that ends with exactly one row per product."""
+"""The shared local index (python -m client.milvus_server: Milvus Lite 2.5.1 over TCP) as a deployment:
+the page, search.py and the indexer at the same time on one server, hybrid search finding model codes
+with two served evaluations running at once, hostile filters, and a `kill -9` of Milvus mid-index
+followed by a resume that ends with exactly one row per product."""
 
 from __future__ import annotations
 
@@ -15,8 +16,12 @@ from pathlib import Path
 import pytest
 
 from client import store
+from client.capabilities import capabilities
+from client.encoder import TritonEncoder
+from client.filters import filter_expression
 from client.index import Indexer
 from client.milvus_server import MilvusServer
+from client.search import Searcher
 from core.catalog import read_catalog
 from export.serve import free_port
 
@@ -32,10 +37,10 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def hnsw(server, triton, catalog_path):
-    """N catalog products indexed through the real Triton into the server, HNSW."""
+def indexed(server, triton, catalog_with_codes):
+    """Real products (N of them, some with model codes) indexed through the real Triton into the server."""
     client = store.connect(server.uri)
-    report = Indexer(triton.grpc_url, "grpc", client, "products").run(str(catalog_path), limit=N, index_type="HNSW")
+    report = Indexer(triton.grpc_url, "grpc", client, "products").run(str(catalog_with_codes[0]))
     yield client, report
     client.close()
 
@@ -45,15 +50,21 @@ def _cli(script: str, *args: str) -> subprocess.CompletedProcess:
                           timeout=120)
 
 
-def test_index_counts_every_product_at_once_with_hnsw(hnsw):
-    client, report = hnsw
-    assert report.added == N and report.indexed == N and not report.failed
-    assert store.count(client, "products") == N  # strong consistency: right after the last upsert
-    assert store.collection_index(client, "products") == ("HNSW", store.METRIC)
-    assert not store.has_lexical(client, "products")  # 2.3 has no BM25: made dense-only, said once
+def test_the_server_says_what_it_is_and_the_collection_gets_what_it_supports(indexed):
+    client, report = indexed
+    assert report.added == report.catalog_rows >= N and report.indexed == report.added and not report.failed
+    assert store.count(client, "products") == report.added  # strong consistency: right after the last upsert
+    caps = capabilities(client)
+    assert caps.server == "Milvus Lite" and caps.bm25 and not caps.aliases and "HNSW" not in caps.index_types
+    assert store.collection_index(client, "products") == ("AUTOINDEX", store.METRIC)  # the best Lite has
+    assert store.has_lexical(client, "products")
+    with pytest.raises(store.StoreError, match="no HNSW index"):  # asked for what it lacks: refused, with the list
+        store.ensure_collection(client, 8, "hnsw_refused", index_type="HNSW")
+    assert not client.has_collection("hnsw_refused")
 
 
-def test_page_search_and_indexer_share_the_server(server, triton, hnsw, catalog_path):
+def test_page_search_and_indexer_share_the_server(server, triton, indexed, catalog_with_codes):
+    catalog_path = catalog_with_codes[0]
     df, _ = read_catalog(catalog_path, limit=N)
     title, pid = df.title[7], str(df.product_id[7])
     port = free_port()
@@ -78,11 +89,12 @@ def test_page_search_and_indexer_share_the_server(server, triton, hnsw, catalog_
                         "--milvus-uri", server.uri)
         assert searched.returncode == 0, searched.stderr
         assert pid in [h["product_id"] for h in json.loads(searched.stdout)["hits"]]
-        assert "dense" in searched.stderr  # hybrid asked, no BM25 on 2.3: the note says what it did
-        synced = _cli("index.py", "--catalog", str(catalog_path), "--limit", str(N), "--triton-url", triton.grpc_url,
+        assert json.loads(searched.stdout)["mode"] == "hybrid" and not searched.stderr.strip()
+        synced = _cli("index.py", "--catalog", str(catalog_path), "--triton-url", triton.grpc_url,
                       "--milvus-uri", server.uri)
+        rows = indexed[1].added
         assert synced.returncode == 0, synced.stderr
-        assert f"unchanged {N}" in synced.stderr and f"now holds {N} products" in synced.stderr
+        assert f"unchanged {rows}" in synced.stderr and f"now holds {rows} products" in synced.stderr
         with urllib.request.urlopen(url, timeout=10) as response:
             assert pid in [h["product_id"] for h in json.loads(response.read())["hits"]]
     finally:
@@ -90,22 +102,37 @@ def test_page_search_and_indexer_share_the_server(server, triton, hnsw, catalog_
         page.wait(30)
 
 
-def test_served_evaluation_on_the_server(server, triton, hnsw, catalog_path, tmp_path):
-    df, _ = read_catalog(catalog_path, limit=N)
-    queries = tmp_path / "titles.jsonl"
-    queries.write_text("".join(json.dumps({"query": t, "relevant": [str(i)]}) + "\n"
-                               for i, t in zip(df.product_id[:50], df.title[:50])))
-    evaluated = _cli("evaluate.py", "--queries", str(queries), "--catalog", str(catalog_path), "--triton-url",
-                     triton.grpc_url, "--milvus-uri", server.uri, "--json", str(tmp_path / "served.json"))
-    assert evaluated.returncode == 0, evaluated.stderr
-    metrics = json.loads((tmp_path / "served.json").read_text())["metrics"]["text"]
-    assert metrics["queries"] == 50 and metrics["recall@10"] >= 0.75  # exact titles, tiny model
+def test_two_served_evaluations_at_once_find_model_codes_first(server, triton, indexed, catalog_with_codes,
+                                                               tmp_path):
+    """Hybrid search on the shared server keeps what the demo's Lite file gives: a shopper typing a model code
+    gets its product at rank 1 (dense alone rarely does), with two evaluations running against it at once."""
+    catalog_path, codes = catalog_with_codes
+    assert len(codes) >= 30
+    queries = tmp_path / "codes.jsonl"
+    queries.write_text("".join(json.dumps({"query": code, "relevant": pids}) + "\n" for code, pids in codes))
+    runs = {mode: subprocess.Popen([sys.executable, "client/evaluate.py", "--queries", str(queries), "--catalog",
+                                    str(catalog_path), "--mode", mode, "--triton-url", triton.grpc_url,
+                                    "--milvus-uri", server.uri, "--json", str(tmp_path / f"{mode}.json")],
+                                   cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            for mode in ("hybrid", "dense")}
+    for mode, run in runs.items():
+        assert run.wait(180) == 0, (mode, run.stderr.read())
+    first = {mode: json.loads((tmp_path / f"{mode}.json").read_text())["metrics"]["text"]["recall@1"]
+             for mode in runs}
+    assert first["hybrid"] >= 0.95 and first["hybrid"] > first["dense"] + 0.2, first
+
+
+@pytest.mark.parametrize("value", ['Red" or product_id != "', "Red') or (1 == 1", "\\\"", "Navy Blue\n"])
+def test_hostile_filter_values_stay_values_on_the_server(server, triton, indexed, value):
+    client, _ = indexed
+    searcher = Searcher(TritonEncoder(triton.grpc_url, "grpc"), client, "products")
+    assert searcher.search("shirt", k=10, expression=filter_expression({"colour": value})).hits == []
 
 
 def test_milvus_killed_mid_index_then_a_resume_leaves_one_row_per_product(triton, catalog_path, tmp_path,
                                                                           monkeypatch):
     data, port = tmp_path / "milvus", free_port()
-    first = MilvusServer(data, port=port).start()
+    first = MilvusServer(data, port=port).start()  # its own server: the shared one keeps serving the others
     client = store.connect(first.uri)
     indexer = Indexer(triton.grpc_url, "grpc", client, "products", batch_size=8, concurrency=2, write_every=32,
                       milvus_timeout_s=10)
@@ -122,7 +149,7 @@ def test_milvus_killed_mid_index_then_a_resume_leaves_one_row_per_product(triton
     monkeypatch.setattr(store, "upsert", upsert_then_crash)
     try:
         with pytest.raises(Exception) as failure:
-            indexer.run(str(catalog_path), limit=N, index_type="HNSW")
+            indexer.run(str(catalog_path), limit=N)
         assert first.process.poll() is not None, f"Milvus was not killed; the indexer failed with {failure.value!r}"
     finally:
         monkeypatch.undo()
@@ -131,7 +158,6 @@ def test_milvus_killed_mid_index_then_a_resume_leaves_one_row_per_product(triton
 
     with MilvusServer(data, port=port) as second:  # the same data directory, restarted
         client = store.connect(second.uri)
-        client.load_collection("products")  # a restarted 2.3 server holds collections unloaded until asked
         kept = store.count(client, "products")
         assert 64 <= kept < N, kept
         report = Indexer(triton.grpc_url, "grpc", client, "products").run(str(catalog_path), limit=N)

@@ -8,8 +8,9 @@ import pytest
 
 from client import store
 from client.encoder import TritonEncoder
+from client.filters import filter_expression
 from client.index import Indexer
-from client.search import Searcher, build_filter, filter_expression, parse_args
+from client.search import Searcher, build_filter, parse_args
 from client.search import main as search_main
 from core.catalog import read_catalog
 from tests.conftest import N_INDEXED as N
@@ -182,7 +183,7 @@ def test_served_evaluation_agrees_with_the_in_process_one(triton, milvus, milvus
 
 
 def test_recreate_rebuilds_a_lite_collection(triton, tmp_path, catalog_path):
-    # Lite has no aliases (describe_alias is UNIMPLEMENTED there): --recreate must not ask it for one.
+    # A plain Lite collection (no route): --recreate drops and rebuilds it.
     from client.index import main as index_main
 
     args = ["--catalog", str(catalog_path), "--limit", "12", "--milvus-uri", str(tmp_path / "r.db"),

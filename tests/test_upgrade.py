@@ -1,6 +1,7 @@
-"""Upgrading the served model without downtime (client/upgrade.py) on a real Milvus server and a real
-Triton in explicit model control: two independently trained models, a switch under concurrent search
-load with zero failed and zero mixed queries, the evaluation gate, and a rollback."""
+"""Upgrading the served model without downtime (client/upgrade.py) on the shared local Milvus (Lite over
+TCP: no aliases, routes instead) and a real Triton in explicit model control: two independently trained
+models, a switch under concurrent search load with zero failed and zero mixed queries, the evaluation
+gate, a rollback, and a rollback after a plain client/index.py start."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ import time
 
 import pytest
 
-from client import store
+from client import serving, store
 from client.encoder import TritonEncoder
 from client.index import main as index_main
 from client.milvus_server import MilvusServer
 from client.search import RESOLVE_EVERY_S, Searcher
+from client.upgrade import decide
 from client.upgrade import main as upgrade_main
 from core.catalog import read_catalog
 from export.serve import TritonServer, free_port
@@ -113,7 +115,7 @@ def test_upgrade_switches_under_load_with_no_failed_and_no_mixed_queries(deploym
     old, new = first["candidate"], report["candidate"]
 
     client = store.connect(milvus.uri)
-    models = {name: store.collection_record(client, name).fingerprint for name in (old, new)}
+    models = {name: serving.collection_record(client, name).fingerprint for name in (old, new)}
     assert models[old] != models[new]
     assert not errors, errors[:3]  # zero failed queries
     mixed = [r for r in results if models.get(r[1]) != r[2]]
@@ -126,21 +128,47 @@ def test_upgrade_switches_under_load_with_no_failed_and_no_mixed_queries(deploym
 
     # The gate: a candidate that must beat the serving model by 1.0 nDCG is not promoted.
     assert _upgrade(triton, milvus, base, "--tag", "", "--tolerance", "-1.0") == 1
-    assert store.collection_record(client, "products").collection == new
-    # --recreate on the serving alias would drop what every searcher uses: refused, with the way to do it.
+    assert serving.collection_record(client, "products").collection == new
+    # --recreate on the serving name would drop what every searcher uses: refused, with the way to do it.
     capsys.readouterr()
     assert index_main(["--recreate", "--milvus-uri", milvus.uri, "--triton-url", triton.grpc_url, "--protocol",
                        "grpc", "--catalog", str(CATALOG), "--limit", "5"]) == 2
     assert "client/upgrade.py" in capsys.readouterr().err
-    assert store.collection_record(client, "products").collection == new and store.count(client, new) == N
-    # Rollback: the alias serves the previous collection again, and searchers follow.
+    assert serving.collection_record(client, "products").collection == new and store.count(client, new) == N
+    # Rollback: the name serves the previous collection again, and searchers follow.
     assert upgrade_main(["--rollback", "--milvus-uri", milvus.uri]) == 0
-    assert store.collection_record(client, "products").collection == old
+    assert serving.collection_record(client, "products").collection == old
     searcher = Searcher(TritonEncoder(triton.grpc_url, "grpc"), client, "products")
     assert searcher.search(titles[0][1], k=5, mode="dense").collection == old
     client.close()
 
 
-def test_upgrades_refuse_milvus_lite_with_what_to_do(tmp_path, capsys):
+def test_rollback_after_a_plain_index_start_serves_the_first_collection_again(deployment):
+    """A deployment started with client/index.py (a plain collection, as the compose indexer makes) and then
+    upgraded: the rollback serves that plain collection again (it used to fail: the alias had renamed it)."""
+    triton, milvus, base = deployment
+    assert index_main(["--milvus-uri", milvus.uri, "--triton-url", triton.grpc_url, "--collection", "shop",
+                       "--catalog", str(CATALOG), "--limit", str(N)]) == 0
+    assert _upgrade(triton, milvus, base, "--tag", "v2", "--collection", "shop", "--tolerance", "1.0") == 0
+    client = store.connect(milvus.uri)
+    upgraded = serving.collection_record(client, "shop")
+    assert upgraded.collection.startswith("shop__") and upgraded.previous == "shop"
+    assert upgrade_main(["--rollback", "--milvus-uri", milvus.uri, "--collection", "shop"]) == 0
+    back = serving.collection_record(client, "shop")
+    assert back.collection == "shop" and back.previous == upgraded.collection and store.count(client, "shop") == N
+    searcher = Searcher(TritonEncoder(triton.grpc_url, "grpc"), client, "shop")
+    assert searcher.search("shirt", k=3, mode="hybrid").collection == "shop"
+    client.close()
+
+
+def test_the_gate_refuses_a_candidate_that_lost_a_query_kind():
+    serving_metrics = {"text": {"ndcg@10": 0.5, "queries": 100}, "image": {"ndcg@10": 0.4, "queries": 50}}
+    promoted, why = decide({"text": {"ndcg@10": 0.9, "queries": 100}}, serving_metrics, 0.01)
+    assert not promoted and "image" in why
+    assert decide({"text": {"ndcg@10": 0.5, "queries": 100}, "image": {"ndcg@10": 0.4, "queries": 50}},
+                  serving_metrics, 0.01)[0]
+
+
+def test_upgrades_refuse_a_lite_file_with_what_to_do(tmp_path, capsys):
     assert upgrade_main(["--tag", "v2", "--milvus-uri", str(tmp_path / "lite.db")]) == 2
-    assert "another --collection" in capsys.readouterr().err
+    assert "make serve" in capsys.readouterr().err
