@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.catalog import DEFAULT_CATALOG  # noqa: E402
-from core.queries import QuerySet  # noqa: E402
+from core.queries import DEFAULT_EVAL_SET, QuerySet  # noqa: E402
 from training.encode import resolve_device  # noqa: E402
 from training.evaluate import evaluate  # noqa: E402
 from training.train import TrainCfg, field_parser, train  # noqa: E402
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--catalog", default=DEFAULT_CATALOG, help="catalog to train and search on")
-    p.add_argument("--queries", default="training/eval_sets/fashion.jsonl", help="evaluation query set")
+    p.add_argument("--queries", default=str(DEFAULT_EVAL_SET), help="evaluation query set")
     p.add_argument("--limit", type=int, default=0, help="first N catalog products to train on and search (0 = all)")
     p.add_argument("--epochs", type=int, default=1, help="training epochs per model")
     p.add_argument("--val-every", type=int, default=100, help="validation steps of the learning curve")

@@ -30,7 +30,7 @@ from client import store  # noqa: E402
 from client.encoder import TritonEncoder  # noqa: E402
 from client.search import Searcher  # noqa: E402
 from core.queries import DEFAULT_EVAL_SET, QuerySet  # noqa: E402
-from export.serve import TritonServer, free_port  # noqa: E402
+from export.serve import TritonServer  # noqa: E402
 
 logger = logging.getLogger("bench.milvus")
 RESULTS = ROOT / "bench" / "results"
@@ -175,8 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     catalog_client = store.connect(args.milvus_uri)
     base = read_vectors(catalog_client, args.collection)
     catalog_client.close()
-    server = TritonServer(Path(args.model_repository), http_port=free_port(), grpc_port=free_port(),
-                          metrics_port=free_port(), log_file=Path(tempfile.gettempdir()) / "bench_milvus_triton.log")
+    server = TritonServer.on_free_ports(args.model_repository,
+                                        log_file=Path(tempfile.gettempdir()) / "bench_milvus_triton.log")
     server.start()
     try:
         encoder = TritonEncoder(server.grpc_url, "grpc")

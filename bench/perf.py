@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from core.catalog import DEFAULT_CATALOG, ImageFetcher, read_catalog  # noqa: E402
 from core.queries import DEFAULT_EVAL_SET, QuerySet  # noqa: E402
-from export.serve import TritonServer, free_port  # noqa: E402
+from export.serve import TritonServer  # noqa: E402
 
 logger = logging.getLogger("bench.perf")
 RESULTS = ROOT / "bench" / "results"
@@ -211,8 +211,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.url:
         grpc_url, http_url = args.url.split(",")
     else:
-        server = TritonServer(Path(args.model_repository), http_port=free_port(), grpc_port=free_port(),
-                              metrics_port=free_port(), log_file=Path(tempfile.gettempdir()) / "bench_triton.log")
+        server = TritonServer.on_free_ports(args.model_repository,
+                                            log_file=Path(tempfile.gettempdir()) / "bench_triton.log")
         server.start()
         grpc_url, http_url = server.grpc_url, f"127.0.0.1:{server.http_port}"
     rows = []

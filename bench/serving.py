@@ -37,7 +37,7 @@ from core.preprocess import image_to_pixels, product_text  # noqa: E402
 from core.queries import DEFAULT_EVAL_SET, QuerySet  # noqa: E402
 from export.graphs import graphs_dir_for  # noqa: E402
 from export.pipeline import OnnxPipeline  # noqa: E402
-from export.serve import TritonServer, free_port  # noqa: E402
+from export.serve import TritonServer  # noqa: E402
 from training.encode import embed_queries  # noqa: E402
 from training.factory import create_model, create_tokenizer, load_checkpoint_config  # noqa: E402
 
@@ -184,8 +184,7 @@ def run(args: argparse.Namespace) -> dict:
     query_fns = {"pytorch eager": one_query(eager.queries)}
     query_fns.update({f"onnxruntime {v}": one_query(p.embed_queries) for v, p in pipelines.items()})
 
-    server = TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                          log_file=Path(tempfile.gettempdir()) / "bench_serving_triton.log")
+    server = TritonServer.on_free_ports(repo, log_file=Path(tempfile.gettempdir()) / "bench_serving_triton.log")
     server.start()
     try:
         encoder = TritonEncoder(server.grpc_url, "grpc")

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.perf import locate_perf_analyzer, run_sweep, write_input_data  # noqa: E402
 from core.catalog import DEFAULT_CATALOG  # noqa: E402
-from export.serve import TritonServer, free_port  # noqa: E402
+from export.serve import TritonServer  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -66,8 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     binary, env = locate_perf_analyzer()
     tmp = Path(tempfile.mkdtemp())
     files = write_input_data(tmp, args.catalog, 200)
-    server = TritonServer(Path(args.model_repository), http_port=free_port(), grpc_port=free_port(),
-                          metrics_port=free_port(), log_file=tmp / "soak_triton.log").start()
+    server = TritonServer.on_free_ports(Path(args.model_repository), log_file=tmp / "soak_triton.log").start()
     memory, windows, stop = [], [], threading.Event()
 
     def sample():

@@ -28,7 +28,7 @@ import pandas as pd  # noqa: E402
 from client import store  # noqa: E402
 from client.index import Indexer  # noqa: E402
 from core.catalog import DEFAULT_CATALOG  # noqa: E402
-from export.serve import TritonServer, free_port  # noqa: E402
+from export.serve import TritonServer  # noqa: E402
 
 logger = logging.getLogger("bench.sync")
 RESULTS = ROOT / "bench" / "results"
@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> None:
         uri = args.milvus_uri or str(Path(tmp) / "sync.db")
         edited = Path(tmp) / "changed.parquet"
         edits = changed_catalog(Path(args.catalog), edited, args.fraction)
-        server = TritonServer(Path(args.model_repository), http_port=free_port(), grpc_port=free_port(),
-                              metrics_port=free_port(), log_file=Path(tmp) / "triton.log").start(timeout_s=300)
+        server = TritonServer.on_free_ports(args.model_repository, log_file=Path(tmp) / "triton.log")
+        server.start(timeout_s=300)
         try:
             client = store.connect(uri)
             collection = f"sync_bench_{int(time.time())}"

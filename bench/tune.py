@@ -25,7 +25,7 @@ from bench.perf import locate_perf_analyzer, run_sweep, write_input_data  # noqa
 from core.catalog import DEFAULT_CATALOG  # noqa: E402
 from export.graphs import graph_specs, graphs_dir_for  # noqa: E402
 from export.repository import ServingCfg, write_repository  # noqa: E402
-from export.serve import TritonServer, free_port  # noqa: E402
+from export.serve import TritonServer  # noqa: E402
 from training.factory import get_model_config, load_checkpoint_config  # noqa: E402
 
 logger = logging.getLogger("bench.tune")
@@ -61,8 +61,7 @@ def measure(checkpoint: Path, variant: str, settings: dict, model: str, input_da
     serving = ServingCfg(**settings)
     repo = tmp / f"repo_{abs(hash(json.dumps(settings, sort_keys=True)))}"
     write_repository(repo, checkpoint, specs, graphs_dir_for(checkpoint) / variant, "python", serving)
-    server = TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                          log_file=tmp / "tune_triton.log").start()
+    server = TritonServer.on_free_ports(repo, log_file=tmp / "tune_triton.log").start()
     try:
         if model == "query_encoder":
             rows = run_sweep(binary, env, model, "grpc", server.grpc_url, input_data, [1], window_ms,

@@ -38,6 +38,7 @@ from client import serving, store  # noqa: E402
 from client.connection import add_connection_args  # noqa: E402
 from client.encoder import EncoderUnavailable, EncodingError, TritonEncoder  # noqa: E402
 from client.filters import filter_expression  # noqa: E402
+from client.fusion import MODES  # noqa: E402
 from client.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE  # noqa: E402
 from client.metrics import Metrics  # noqa: E402
 from client.search import Searcher, SearchResult  # noqa: E402
@@ -308,7 +309,7 @@ def create_app(backend: Backend, images: CatalogImages, max_upload_bytes: int = 
     @app.get("/api/search", summary="Text search")
     def search_text(q: str = Query(..., description="what to look for, in words"),
                     k: int = Query(12, ge=1, le=100, description="number of results"),
-                    mode: str = Query("hybrid", pattern="^(hybrid|dense|lexical)$",
+                    mode: str = Query("hybrid", pattern=f"^({'|'.join(MODES)})$",
                                       description="hybrid: BM25 and dense fused; dense: embeddings; lexical: BM25"),
                     category: str | None = None, article_type: str | None = None, colour: str | None = None,
                     gender: str | None = None, usage: str | None = None,

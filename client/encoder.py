@@ -16,6 +16,7 @@ import numpy as np
 from core.specs import (
     DESCRIPTION,
     EMBEDDING,
+    FINGERPRINT_PARAMETER,
     IMAGE,
     IMAGE_ENCODER,
     PRODUCT_ENCODER,
@@ -142,7 +143,7 @@ class TritonEncoder:
             except Exception as exc:
                 raise self._unavailable(f"no config for model {self.served(QUERY_ENCODER)!r} ({exc})") from None
             config = config.get("config", config)  # gRPC wraps it, HTTP does not
-            value = config.get("parameters", {}).get("fingerprint", {}).get("string_value", "")
+            value = config.get("parameters", {}).get(FINGERPRINT_PARAMETER, {}).get("string_value", "")
             self._metadata["fingerprint"] = value or "unknown"  # a repository exported before fingerprints
         return self._metadata["fingerprint"]
 

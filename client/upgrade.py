@@ -37,6 +37,7 @@ from client.capabilities import capabilities
 from client.connection import add_connection_args
 from client.encoder import EncoderUnavailable, TritonEncoder, protocol_module
 from client.evaluate import evaluate_served
+from client.fusion import MODES
 from client.index import Indexer
 from core.catalog import DEFAULT_CATALOG, CatalogError, ColumnMap
 from core.queries import DEFAULT_EVAL_SET
@@ -167,7 +168,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="index only the first N catalog rows")
     p.add_argument("--queries", type=Path, default=DEFAULT_EVAL_SET,
                    help="query set both models are evaluated on, through Triton and Milvus")
-    p.add_argument("--mode", choices=("hybrid", "dense", "lexical"), default="hybrid",
+    p.add_argument("--mode", choices=MODES, default="hybrid",
                    help="how the evaluation searches text queries (as client/search.py --mode)")
     p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                    help=f"promote unless some query kind loses more than this much {METRIC}")

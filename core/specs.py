@@ -85,6 +85,7 @@ def graph_specs(embed_dim: int, part_dim: int, multimodal: bool, image_size: int
 # -- model sets: a repository can serve several trained models side by side (an upgrade) ------
 # The default set has the names above; another set's every model carries its tag: query_encoder__v2.
 TAG_SEPARATOR = "__"
+FINGERPRINT_PARAMETER = "fingerprint"  # ensemble config parameter: which weights and variant it serves
 
 
 def model_name(base: str, tag: str = "") -> str:

@@ -29,6 +29,7 @@ from core import preprocess as preprocess_module
 from core.specs import (
     ATTENTION_MASK,
     EMBEDDING,
+    FINGERPRINT_PARAMETER,
     FUSION,
     IMAGE,
     IMAGE_EMBEDDING,
@@ -237,7 +238,7 @@ def write_repository(repo: Path, checkpoint: Path, specs: dict[str, GraphSpec], 
     config = json.loads((checkpoint / "config.json").read_text())
     pre, model_cfg = config["preprocess_cfg"], config["model_cfg"]
     dim = model_cfg["embed_dim"]
-    fingerprint = {"fingerprint": model_fingerprint(checkpoint, graphs_dir)}
+    fingerprint = {FINGERPRINT_PARAMETER: model_fingerprint(checkpoint, graphs_dir)}
     repo.mkdir(parents=True, exist_ok=True)
     tokenizer_json = checkpoint / pre["tokenizer_dir"] / "tokenizer.json"
     text_files = {"tokenizer.json": tokenizer_json, "preprocess.py": Path(preprocess_module.__file__)}

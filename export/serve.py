@@ -103,6 +103,12 @@ class TritonServer(ServerProcess):
     extra_args: list[str] = field(default_factory=list)
     process: subprocess.Popen | None = None
 
+    @classmethod
+    def on_free_ports(cls, model_repository: Path, **kwargs) -> TritonServer:
+        """A server on three free loopback ports (tests, benchmarks: never a clash with one already running)."""
+        return cls(Path(model_repository), http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                   **kwargs)
+
     @property
     def http_url(self) -> str:
         return f"{self.host}:{self.http_port}"

@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from export.serve import free_port
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may reach a model hub in tests
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,8 +68,7 @@ def triton(tiny_repository, tmp_path_factory):
     from export.serve import TritonServer
 
     log = tmp_path_factory.mktemp("triton") / "tritonserver.log"
-    server = TritonServer(tiny_repository, http_port=free_port(), grpc_port=free_port(),
-                          metrics_port=free_port(), log_file=log)
+    server = TritonServer.on_free_ports(tiny_repository, log_file=log)
     server.start(timeout_s=180)
     yield server
     server.stop()

@@ -3,10 +3,10 @@ import json
 import re
 from pathlib import Path
 
-from core.queries import EVAL_TEMPLATES, GENDER_ADJ, GENDER_NOUN, TRAIN_TEMPLATES
+from core.queries import DEFAULT_EVAL_SET, EVAL_TEMPLATES, GENDER_ADJ, GENDER_NOUN, TRAIN_TEMPLATES
 from training.evaluate import QuerySet, degrade_colour, evaluate, main
 
-EVAL_SET = "training/eval_sets/fashion.jsonl"
+EVAL_SET = str(DEFAULT_EVAL_SET)
 
 
 def _phrasings(templates, constraints: dict) -> set[str]:

@@ -22,15 +22,14 @@ from client.encoder import EncoderFault, EncoderUnavailable, EncodingError, Trit
 from client.index import Indexer
 from core.catalog import read_catalog
 from core.specs import PRODUCT_ENCODER
-from export.serve import TritonServer, free_port
+from export.serve import TritonServer
 
 pytestmark = pytest.mark.server
 N = 400
 
 
 def _server(repository, tmp_path, **kwargs) -> TritonServer:
-    return TritonServer(repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                        log_file=tmp_path / f"triton-{time.monotonic_ns()}.log", **kwargs)
+    return TritonServer.on_free_ports(repository, log_file=tmp_path / f"triton-{time.monotonic_ns()}.log", **kwargs)
 
 
 def _kill_when(server: TritonServer, inferences: int) -> threading.Thread:

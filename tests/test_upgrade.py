@@ -49,8 +49,8 @@ def deployment(tiny_repository, second_checkpoint, tmp_path_factory):
     base = tmp_path_factory.mktemp("upgrade")
     repo = base / "model_repository"
     shutil.copytree(tiny_repository, repo)
-    triton = TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                          log_file=base / "triton.log", model_control="explicit", admin_key=ADMIN_KEY)
+    triton = TritonServer.on_free_ports(repo, log_file=base / "triton.log", model_control="explicit",
+                                        admin_key=ADMIN_KEY)
     triton.start(timeout_s=180)
     milvus = MilvusServer(base / "milvus", port=free_port())
     try:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from core.catalog import DEFAULT_CATALOG, ColumnMap, read_catalog
-from core.metrics import format_table, rank, retrieval_metrics, without_query_products
+from core.metrics import KS, format_table, rank, retrieval_metrics, without_query_products
 from core.queries import QuerySet
 
 from .data import ProductSet, build_product_set
@@ -32,7 +32,6 @@ from .encode import embed_image_queries, embed_products, embed_queries, resolve_
 from .factory import create_model, create_tokenizer, load_checkpoint_config
 
 logger = logging.getLogger("training.evaluate")
-KS = (1, 10, 100)
 
 
 def degrade_colour(products: ProductSet) -> ProductSet:

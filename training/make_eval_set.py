@@ -16,7 +16,7 @@ import random
 from pathlib import Path
 
 from core.catalog import DEFAULT_CATALOG, read_catalog
-from core.queries import EVAL_TEMPLATES, generate_query, product_attributes, relevant_ids
+from core.queries import DEFAULT_EVAL_SET, EVAL_TEMPLATES, generate_query, product_attributes, relevant_ids
 
 from .data import split_indices
 
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m training.make_eval_set", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--catalog", default=DEFAULT_CATALOG, help="catalog to draw products and relevance from")
-    p.add_argument("--out", default="training/eval_sets/fashion.jsonl", help="JSONL file to write")
+    p.add_argument("--out", default=str(DEFAULT_EVAL_SET), help="JSONL file to write")
     p.add_argument("--text-queries", type=int, default=500, help="number of text queries")
     p.add_argument("--image-queries", type=int, default=200, help="number of image queries")
     p.add_argument("--val-fraction", type=float, default=0.05, help="the held-out share used by training")
