@@ -144,3 +144,28 @@ def test_unreachable_server_says_where_and_what_to_run():
     encoder = TritonEncoder(f"127.0.0.1:{free_port()}", protocol="http", timeout_s=2)
     with pytest.raises(EncoderUnavailable, match="python -m export.serve"):
         encoder.check_ready()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_current_tritonclient_talks_to_the_2_51_server(triton, protocol):
+    """The client is not locked to the server's release (the KServe v2 protocol is stable): the installed
+    tritonclient, newer than the server, reads its metadata and runs the query ensemble over both protocols."""
+    from importlib.metadata import version
+
+    from client.encoder import protocol_module
+
+    module = protocol_module(protocol)
+    server = module.InferenceServerClient(triton.grpc_url if protocol == "grpc" else triton.http_url)
+    try:
+        metadata = server.get_server_metadata(**({"as_json": True} if protocol == "grpc" else {}))
+    finally:
+        server.close()
+    client_release = tuple(int(x) for x in version("tritonclient").split(".")[:2])
+    server_release = tuple(int(x) for x in metadata["version"].split(".")[:2])
+    assert server_release == (2, 51) and client_release > server_release, (client_release, metadata["version"])
+    encoder = TritonEncoder(triton.grpc_url if protocol == "grpc" else triton.http_url, protocol)
+    try:
+        vector = encoder.embed_queries(["red kurta"])[0]
+    finally:
+        encoder.close()
+    assert vector.shape == (encoder.embed_dim,) and abs(float(np.linalg.norm(vector)) - 1.0) < 1e-4
