@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from client import store
+from client import serving, store
 from client.encoder import TritonEncoder
 from client.filters import filter_expression
 from client.fusion import facet_counts, fuse, lexical_confidence
@@ -107,7 +107,7 @@ def test_a_collection_of_another_model_is_refused_with_what_to_do(triton, search
     """Same dimension, other weights: searching one model's vectors with the other's queries is refused."""
     encoder = searcher.encoder
     assert encoder.fingerprint != "unknown"
-    assert store.collection_model(searcher.client, "products") == encoder.fingerprint  # recorded when indexed
+    assert serving.collection_record(searcher.client, "products").fingerprint == encoder.fingerprint  # recorded
     client = store.connect(str(tmp_path / "other.db"))
     store.ensure_collection(client, encoder.embed_dim, "products", fingerprint="0123456789ab-int8")
     with pytest.raises(store.StoreError, match="new --collection"):
