@@ -31,12 +31,11 @@ from client.search import Searcher  # noqa: E402
 from core.catalog import DEFAULT_CATALOG, read_catalog  # noqa: E402
 from core.metrics import percentiles, retrieval_metrics  # noqa: E402
 from core.preprocess import product_text  # noqa: E402
-from core.queries import QuerySet  # noqa: E402
+from core.queries import CODES_EVAL_SET, DEFAULT_EVAL_SET, NAMES_EVAL_SET, QuerySet  # noqa: E402
 
 logger = logging.getLogger("bench.hybrid")
 RESULTS = ROOT / "bench" / "results"
-SETS = {"attributes": "training/eval_sets/fashion.jsonl", "codes": "training/eval_sets/fashion-codes.jsonl",
-        "names": "training/eval_sets/fashion-names.jsonl"}
+SETS = {"attributes": DEFAULT_EVAL_SET, "codes": CODES_EVAL_SET, "names": NAMES_EVAL_SET}
 K = 100
 
 

@@ -180,7 +180,11 @@ def relevant_ids(query: Query, products: Sequence[Mapping[str, str]], ids: Seque
 
 
 # Committed beside training/ (written by `python -m training.make_eval_set`), kept out of training.
-DEFAULT_EVAL_SET = Path(__file__).resolve().parents[1] / "training" / "eval_sets" / "fashion.jsonl"
+EVAL_SETS_DIR = Path(__file__).resolve().parents[1] / "training" / "eval_sets"
+DEFAULT_EVAL_SET = EVAL_SETS_DIR / "fashion.jsonl"
+# Shoppers typing what dense vectors miss (`python -m training.make_lexical_sets`): model codes, rare names.
+CODES_EVAL_SET = EVAL_SETS_DIR / "fashion-codes.jsonl"
+NAMES_EVAL_SET = EVAL_SETS_DIR / "fashion-names.jsonl"
 
 
 @dataclass

@@ -21,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 from core.catalog import DEFAULT_CATALOG, read_catalog
-from core.queries import GENDER_WORDS, brand_of, words
+from core.queries import CODES_EVAL_SET, EVAL_SETS_DIR, GENDER_WORDS, NAMES_EVAL_SET, brand_of, words
 
 # A model code: letters and digits together, two digits at least ("F300" yes, "Tee2" no).
 CODE = re.compile(r"^(?=(?:.*\d){2})(?=.*[a-z])[a-z0-9][a-z0-9\-/.]{2,}[a-z0-9]$")
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m training.make_lexical_sets", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--catalog", default=DEFAULT_CATALOG, help="catalog to draw products and relevance from")
-    p.add_argument("--out-dir", default="training/eval_sets", help="folder for fashion-codes/-names.jsonl")
+    p.add_argument("--out-dir", default=str(EVAL_SETS_DIR), help="folder for fashion-codes/-names.jsonl")
     p.add_argument("--queries", type=int, default=150, help="queries per set")
     p.add_argument("--seed", type=int, default=11, help="sampling seed")
     args = p.parse_args(argv)
@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     rng = random.Random(args.seed)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for name, items in (("fashion-codes.jsonl", code_queries(rows, args.queries, rng)),
-                        ("fashion-names.jsonl", name_queries(rows, args.queries, rng))):
+    for name, items in ((CODES_EVAL_SET.name, code_queries(rows, args.queries, rng)),
+                        (NAMES_EVAL_SET.name, name_queries(rows, args.queries, rng))):
         (out / name).write_text("".join(json.dumps(x) + "\n" for x in items))
         print(f"wrote {out / name}: {len(items)} queries")
 
