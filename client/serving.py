@@ -1,4 +1,4 @@
-"""What a serving name points at, and what the Milvus behind it can do.
+"""What a serving name points at.
 
 A serving name (`products`) is what searchers ask for; an upgrade indexes a new model into
 `products__<fingerprint>` and then points the name at it. The pointer is one row of a small routes
@@ -8,7 +8,6 @@ search). Milvus aliases would do the same on a server, but Milvus Lite has none,
 every backend is what keeps upgrades and rollbacks tested here the same as on the cluster. A name
 with no route is the collection of that name (made by client/index.py before any upgrade), or an
 alias made by an older release (describe_collection follows it).
-
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ import logging
 import re
 from dataclasses import dataclass
 
+from client.capabilities import TIMEOUT_S
 from client.store import MODEL_KEY, PREVIOUS_KEY, TAG_KEY, StoreError, description
 
 logger = logging.getLogger(__name__)
@@ -25,7 +25,8 @@ ROUTES = "mmsearch_routes"  # the routes collection: serving name -> collection
 ROUTE_NAME, ROUTE_TARGET, ROUTE_PREVIOUS = "name", "target", "previous"
 _ROUTE_VECTOR = "unused"  # Milvus requires a vector field in every collection
 NAME_MAX_LENGTH = 255  # Milvus's own limit on a collection name
-TIMEOUT_S = 10  # whole seconds: pymilvus ignores a float timeout and retries for minutes
+
+
 @dataclass(frozen=True)
 class Route:
     name: str
@@ -68,10 +69,10 @@ class CollectionRecord:
 def collection_record(client, name: str) -> CollectionRecord:
     """The record of what `name` serves; raises StoreError when nothing does."""
     found = route(client, name)
-    collection = found.target if found is not None else resolve(client, name)
-    if collection is None or not client.has_collection(collection, timeout=TIMEOUT_S):
+    collection = found.target if found is not None else name
+    if not client.has_collection(collection, timeout=TIMEOUT_S):
         raise StoreError(f"no collection {name!r}: index a catalog first (python client/index.py --catalog PATH)")
-    collection, record = description(client, collection)
+    collection, record = description(client, collection)  # follows an old alias to its collection
     previous = found.previous if found is not None else record.get(PREVIOUS_KEY)
     return CollectionRecord(collection, record.get(MODEL_KEY), record.get(TAG_KEY) or "", previous)
 

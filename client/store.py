@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from client.capabilities import capabilities
+from client.capabilities import TIMEOUT_S, capabilities
 from core.preprocess import product_text
 
 logger = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ def is_lite(uri: str) -> bool:
 def description(client, collection: str) -> tuple[str, dict]:
     """(the collection's own name, the record in its description: model, tag, previous). An alias
     made by an older release is followed to its collection."""
-    info = client.describe_collection(collection, timeout=10)
+    info = client.describe_collection(collection, timeout=TIMEOUT_S)
     try:
         record = json.loads(info.get("description") or "{}")
     except ValueError:
