@@ -1,7 +1,7 @@
 """Read a product catalog (CSV, JSONL or Parquet) and its images, and report every bad row.
 
 Columns are mapped by name (`ColumnMap`); images may be embedded bytes, a local path (relative to
-the catalog file), or an http(s) URL that is downloaded once into a cache. Nothing is dropped
+the catalog file), or an http(s) URL downloaded into a cache and revalidated hourly. Nothing is dropped
 silently: a malformed row is listed in the report with its reason, and a product whose image
 cannot be read keeps its text (the towers embed it text-only).
 
@@ -10,15 +10,20 @@ Only pandas, numpy and Pillow: the indexing client reads catalogs with this modu
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import hashlib
+import http.client
 import json
 import logging
 import math
 import os
+import tempfile
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -248,12 +253,33 @@ def has_image_ref(ref) -> bool:
 
 @dataclass
 class ImageFetcher:
-    """Resolves a catalog image reference to encoded bytes; URLs are downloaded once, with limits."""
+    """Resolves a catalog image reference to encoded bytes: bytes as they are, a path (relative to
+    `base_dir`), or an http(s) URL, downloaded with size and time limits into `cache_dir`.
+
+    How often a URL is asked again: its copy is served from the cache, with no request, for `max_age_s`
+    (default one hour) after it was downloaded or last confirmed. The first fetch after that revalidates:
+    a conditional GET with the server's ETag (If-None-Match) and Last-Modified (If-Modified-Since) costs
+    a 304 and no body when the photo is unchanged (and restarts the hour), and downloads the new bytes
+    when it changed; a server that sends neither validator is downloaded in full again. So a catalog
+    sync run an hour or more after the previous one digests every replaced photo, while one run's digest
+    and embed passes (and the app's repeated views) share one download. A run sooner than that can miss
+    a photo replaced in between: `max_age_s=0` revalidates on every fetch, `math.inf` never does.
+    When the server cannot be asked (offline, a timeout, a 5xx) the stale copy is served, with one
+    warning per fetcher; a 404 or 410 is an error, as is any failure with no copy to serve.
+
+    A copy is `<sha1(url)>` beside a JSON sidecar `<sha1(url)>.json` (when it was confirmed, its
+    validators, its own digest: a sidecar is trusted only for the bytes it describes). Every write goes
+    through a temporary file of its writer's own, renamed into place, so threads or processes fetching
+    one URL at once all succeed. `clock` (wall seconds: the cache outlives the process) is injectable.
+    """
 
     base_dir: str = "."
     cache_dir: Path = DEFAULT_CACHE_DIR / "images"
     timeout_s: float = 10.0
     max_bytes: int = 20 * 1024 * 1024
+    max_age_s: float = 3600.0  # seconds a downloaded or revalidated copy is served without asking the server
+    clock: Callable[[], float] = time.time
+    _warned_stale: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __call__(self, ref) -> bytes:
         if isinstance(ref, (bytes, bytearray, memoryview)):
@@ -268,21 +294,96 @@ class ImageFetcher:
         return path.read_bytes()
 
     def _download(self, url: str) -> bytes:
-        cached = Path(self.cache_dir) / hashlib.sha1(url.encode()).hexdigest()
-        if cached.is_file():
-            return cached.read_bytes()
-        request = urllib.request.Request(url, headers={"User-Agent": "mmsearch/0.1"})
+        key = hashlib.sha1(url.encode()).hexdigest()
+        cached = Path(self.cache_dir) / key
+        sidecar = cached.with_name(key + ".json")
+        data, meta = self._read_cache(cached, sidecar)
+        now = self.clock()
+        if meta is not None and 0 <= now - meta["fetched_at"] < self.max_age_s:  # a clock set back: ask
+            return data
+        headers = {"User-Agent": "mmsearch/0.1"}
+        if meta is not None:
+            for name, header in (("etag", "If-None-Match"), ("last_modified", "If-Modified-Since")):
+                if meta.get(name):
+                    headers[header] = meta[name]
+        try:
+            status, body, response_headers = self._get(url, headers)
+        except (OSError, http.client.HTTPException) as exc:  # URLError and HTTPError are OSErrors
+            gone = isinstance(exc, urllib.error.HTTPError) and exc.code in (404, 410)
+            if data is None or gone:
+                raise ConnectionError(f"cannot download {url}: {exc} (offline? downloaded images are cached "
+                                      f"in {self.cache_dir})") from None
+            # Serve the stale copy rather than raise: it is what the collection already holds, so a sync
+            # during an outage sees the same digest and leaves the product alone, where an error would
+            # make every URL product "changed" and re-embed the catalog text-only. Only a server saying
+            # the photo is gone (404/410) drops it. The copy's time is not refreshed: the next fetch asks.
+            self._warn_stale(url, exc, cached)
+            return data
+        if status == 304 and data is not None:
+            fresh = {k: response_headers.get(h) for k, h in (("etag", "ETag"), ("last_modified", "Last-Modified"))}
+            self._write(sidecar, json.dumps({**(meta or {}), **{k: v for k, v in fresh.items() if v},
+                                             "fetched_at": now, "sha256": hashlib.sha256(data).hexdigest()}))
+            return data
+        if status == 304:
+            raise ConnectionError(f"cannot download {url}: 304 Not Modified to an unconditional request")
+        if len(body) > self.max_bytes:
+            raise ValueError(f"{url}: larger than {self.max_bytes:,} bytes")
+        self._write(cached, body)  # the bytes first: a sidecar never describes bytes not yet in place
+        self._write(sidecar, json.dumps({"url": url, "fetched_at": now, "etag": response_headers.get("ETag"),
+                                         "last_modified": response_headers.get("Last-Modified"),
+                                         "sha256": hashlib.sha256(body).hexdigest()}))
+        return body
+
+    def _get(self, url: str, headers: dict[str, str]):
+        """(status, body, headers) of a GET; a 304 is an answer, not an error. Raises on a truncated body."""
+        request = urllib.request.Request(url, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                data = response.read(self.max_bytes + 1)
-        except (urllib.error.URLError, TimeoutError, OSError) as exc:
-            raise ConnectionError(f"cannot download {url}: {exc} (offline? images are fetched once "
-                                  f"into {self.cache_dir})") from None
-        if len(data) > self.max_bytes:
-            raise ValueError(f"{url}: larger than {self.max_bytes:,} bytes")
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, cached)
-        return data
+                body = response.read(self.max_bytes + 1)
+                size = response.headers.get("Content-Length", "")
+                if len(body) <= self.max_bytes and size.isdigit() and len(body) < int(size):
+                    raise ConnectionError(f"truncated: {len(body):,} of {int(size):,} bytes")
+                return response.status, body, response.headers
+        except urllib.error.HTTPError as exc:
+            if exc.code != 304:
+                raise
+            exc.close()
+            return 304, b"", exc.headers
 
+    @staticmethod
+    def _read_cache(cached: Path, sidecar: Path) -> tuple[bytes | None, dict | None]:
+        """The cached bytes (None if absent) and their sidecar (None if absent, unreadable or not theirs)."""
+        try:
+            data = cached.read_bytes()
+        except FileNotFoundError:
+            return None, None
+        try:
+            meta = json.loads(sidecar.read_text())
+            if (isinstance(meta, dict) and isinstance(meta.get("fetched_at"), (int, float))
+                    and meta.get("sha256") == hashlib.sha256(data).hexdigest()):
+                return data, meta
+        except (OSError, ValueError):
+            pass
+        return data, None  # an older cache, or another writer's sidecar: revalidate without validators
+
+    @staticmethod
+    def _write(path: Path, data: bytes | str) -> None:
+        """Write through a temporary file of this writer's own, renamed into place (atomic, never shared)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data.encode() if isinstance(data, str) else data)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def _warn_stale(self, url: str, exc: Exception, cached: Path) -> None:
+        if self._warned_stale:  # one warning per fetcher: an outage would otherwise log once per product
+            logger.debug("cannot revalidate %s (%s): serving the cached copy", url, exc)
+            return
+        self._warned_stale = True
+        logger.warning("cannot revalidate %s (%s): serving the cached copy %s; further stale copies are "
+                       "logged at debug level", url, exc, cached)
