@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup system-deps demo page serve stop test bench lint clean
+.PHONY: setup system-deps demo page serve stop test test-fast bench lint clean
 
 setup:
 	./scripts/setup.sh
@@ -26,6 +26,10 @@ stop:
 
 test: setup system-deps
 	$(PY) -m pytest
+
+# The unit tier (tests marked `unit`): no server, no trained model, under a minute; `make test` runs it too.
+test-fast: setup
+	$(PY) -m pytest -m unit
 
 # Serving benchmarks on what `make demo` built (about 25 minutes here); results in bench/results/.
 bench: setup system-deps

@@ -7,7 +7,6 @@ server's engine) rejects templates, so the client renders them: one code path on
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -32,7 +31,12 @@ def _literal(value) -> str:
             raise ValueError(f"filter value {value} is not a finite number")
         return repr(value)
     if isinstance(value, str):
-        return json.dumps(value)  # double-quoted, with quotes and backslashes escaped
+        # Double-quoted, only backslashes and quotes escaped, everything else as it is: Milvus Lite 2.5.1
+        # decodes no other escape (JSON's "\u00f1and\u00fa" matched no "ñandú"), and its lexer refuses a raw
+        # line break inside a string.
+        if "\n" in value or "\r" in value:
+            raise ValueError(f"filter value {value!r} holds a line break")
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_literal(v) for v in value) + "]"
     raise TypeError(f"unsupported filter value {value!r}")
@@ -52,7 +56,8 @@ def render_filter(template: str, params: Mapping[str, object]) -> str:
 def filter_expression(values: Mapping[str, object], raw: str | None = None) -> str:
     """A Milvus expression from FILTERS values (None = not set) and an optional raw expression.
 
-    Raises ValueError when a value does not convert to its filter's type.
+    Raises ValueError when a value does not convert to its filter's type or cannot be written as a literal
+    (a line break, a number that is not finite).
     """
     parts, params = [], {}
     for name, (template, kind) in FILTERS.items():

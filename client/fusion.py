@@ -5,11 +5,13 @@ phrases; bench/results/hybrid.md), where RRF(60) lost the exact matches (codes 1
 names 27%) and a fixed weighted sum either lost them (weight 0.3: codes 55%) or lost attribute
 quality (0.5: nDCG@10 0.904 vs dense 0.909). What won on every set: a weighted sum of the dense
 similarity and the BM25 score scaled by the best one, whose lexical weight rises when BM25 is
-confident, i.e. its best score stands clear of its 10th (a rare token matched: a code, a name).
+confident, i.e. its best score stands clear of its 10th, or it found a single product (a rare token
+matched: a code, a name).
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 
@@ -23,10 +25,15 @@ FACETS = ("master_category", "article_type", "base_colour", "gender")
 
 
 def lexical_confidence(lexical: Sequence[Hit]) -> float:
-    """The best BM25 score over the 10th best (or the last one); 0 without two hits."""
-    if len(lexical) < 2 or lexical[min(9, len(lexical) - 1)].score <= 0:
+    """The best BM25 score over the 10th best (or the last one); 0 without a hit.
+
+    A single hit is infinitely confident: no other product holds any query term (a code or a name matched
+    one product). That reading needs a list searched deeper than one hit, as every caller does (100).
+    """
+    if not lexical or lexical[0].score <= 0:
         return 0.0
-    return lexical[0].score / lexical[min(9, len(lexical) - 1)].score
+    last = lexical[min(9, len(lexical) - 1)].score
+    return math.inf if len(lexical) == 1 or last <= 0 else lexical[0].score / last
 
 
 def dense_similarity(metric: str) -> Callable[[float], float]:

@@ -26,6 +26,8 @@ def retrieval_metrics(ranked: Sequence[Sequence[str]], relevant: Sequence[Sequen
     discounts = 1.0 / np.log2(np.arange(2, 12))
     for ranking, rel in zip(ranked, relevant):
         rel = set(rel)
+        if not rel:  # nothing to find: every measure would be 0 / 0 (callers drop such queries)
+            raise ValueError("a query has no relevant products")
         hits = np.fromiter((pid in rel for pid in ranking), dtype=bool, count=len(ranking))
         for k in ks:
             recalls[k].append(hits[:k].sum() / min(k, len(rel)))

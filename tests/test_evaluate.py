@@ -3,6 +3,8 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from core.queries import DEFAULT_EVAL_SET, EVAL_TEMPLATES, GENDER_ADJ, GENDER_NOUN, TRAIN_TEMPLATES
 from training.evaluate import QuerySet, degrade_colour, evaluate, main
 
@@ -25,6 +27,7 @@ def _phrasings(templates, constraints: dict) -> set[str]:
     return out
 
 
+@pytest.mark.unit
 def test_committed_eval_set_uses_only_unseen_phrasings():
     """Every committed text query is an EVAL_TEMPLATES phrasing of its attributes and none that the
     training generator makes from the same attributes (its title templates aside: the eval set names
@@ -62,6 +65,7 @@ def test_evaluate_reports_text_and_image_metrics(tiny_checkpoint, catalog_path, 
     assert json.loads((tmp_path / "m.json").read_text())["metrics"]["text"]["queries"] == 1
 
 
+@pytest.mark.unit
 def test_colour_degradation_removes_colour_words_only(catalog_path):
     from core.catalog import read_catalog
     from training.data import build_product_set
@@ -75,6 +79,7 @@ def test_colour_degradation_removes_colour_words_only(catalog_path):
         assert len(after) <= len(before)
 
 
+@pytest.mark.unit
 def test_image_queries_leave_their_own_product_out():
     from core.metrics import retrieval_metrics, without_query_products
 

@@ -1,5 +1,9 @@
+import pytest
+
 from core.catalog import read_catalog
 from core.queries import TRAIN_TEMPLATES, brand_of, generate_queries, product_attributes, relevant_ids
+
+pytestmark = pytest.mark.unit
 
 
 def test_brand_is_read_before_the_gender_word():
