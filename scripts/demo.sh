@@ -4,20 +4,28 @@
 #   CATALOG     catalog file (.parquet/.csv/.jsonl)   default ../shared/data/fashion/catalog.parquet
 #   MODEL       model config (training/model_configs)  default mm3-concat
 #   EPOCHS      training epochs (3: photo search >= 0.50, about an hour here, minutes on a GPU)  default 1
-#   RUN         checkpoint directory                   default runs/$MODEL (runs/$MODEL-e$EPOCHS past 1)
+#   RUN         checkpoint directory                   default runs/$MODEL, plus -<catalog file stem> for
+#               another catalog, -n$LIMIT with a LIMIT and -e$EPOCHS past 1: each setting trains its own run
+#               (training refuses to resume a run of other settings or catalog content, and says what to do)
 #   REPO        Triton model repository                default model_repository
 #   MILVUS_URI  Milvus Lite file or http://host:19530  default runs/milvus.db
 #   LIMIT       use only the first N catalog rows      default all
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CATALOG=${CATALOG:-../shared/data/fashion/catalog.parquet}
+DEFAULT_CATALOG=../shared/data/fashion/catalog.parquet
+CATALOG=${CATALOG:-$DEFAULT_CATALOG}
 MODEL=${MODEL:-mm3-concat}
 EPOCHS=${EPOCHS:-1}
-if [ "$EPOCHS" = 1 ]; then RUN=${RUN:-runs/$MODEL}; else RUN=${RUN:-runs/$MODEL-e$EPOCHS}; fi
+LIMIT=${LIMIT:-0}
+if [ -z "${RUN:-}" ]; then
+    RUN=runs/$MODEL
+    if [ ! "$CATALOG" -ef "$DEFAULT_CATALOG" ]; then name=$(basename "$CATALOG"); RUN+="-${name%.*}"; fi
+    if [ "$LIMIT" != 0 ]; then RUN+="-n$LIMIT"; fi
+    if [ "$EPOCHS" != 1 ]; then RUN+="-e$EPOCHS"; fi
+fi
 REPO=${REPO:-model_repository}
 MILVUS_URI=${MILVUS_URI:-runs/milvus.db}
 export -n MILVUS_URI  # pymilvus reads this variable at import and rejects a Lite file path in it
-LIMIT=${LIMIT:-0}
 PY=.venv/bin/python
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 step() { printf '\n== %s\n' "$*"; }

@@ -1,9 +1,9 @@
+import dataclasses
 import json
-import os
-import signal
+import re
+import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -12,13 +12,16 @@ import torch
 from safetensors.torch import load_file
 
 from core.catalog import read_catalog
+from training import rundir
 from training.data import build_product_set
-from training.factory import create_model, create_tokenizer, preprocess_config
+from training.factory import create_model, create_tokenizer, get_model_config, preprocess_config
 from training.train import (
+    OtherRunError,
     TrainCfg,
     augment_pixels,
     build_optimizer,
     compute_loss,
+    main,
     make_batch,
     multi_positive_nce,
     parse_args,
@@ -108,42 +111,112 @@ def test_photo_augmentation_keeps_colours():
     assert (out.amax(dim=(2, 3)) <= pixels.amax(dim=(2, 3)) + 1e-5).all()
 
 
-def test_a_killed_run_resumes_exactly(tmp_path, catalog_path):
-    """SIGKILL mid-run (no clean shutdown), then resume: the same steps, losses and weights as one whole run."""
-    whole = train(_cfg(tmp_path, catalog=str(catalog_path), out=str(tmp_path / "whole")))
-    cut = tmp_path / "cut"
-    args = ["--model", "test-tiny", "--catalog", str(catalog_path), "--limit", "240", "--batch-size", "16",
-            "--val-queries", "40", "--no-eval-at-start", "--warmup-steps", "2", "--save-every", "3",
-            "--cache-dir", str(tmp_path / "cache"), "--out", str(cut)]
-    run = subprocess.Popen([sys.executable, "-m", "training.train", *args], stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, start_new_session=True, cwd=REPO)
-    state_file, deadline = cut / "training_state.pt", time.monotonic() + 300
-    try:
-        while not (state_file.is_file() and _saved_step(state_file) >= 6):
-            assert run.poll() is None, "the run ended before it could be killed"
-            assert time.monotonic() < deadline, "no checkpoint at step 6 within 300 s"
-            time.sleep(0.1)
-    finally:
-        os.killpg(run.pid, signal.SIGKILL)
-        run.wait()
-    killed_at = _saved_step(state_file)
-    resumed = train(_cfg(tmp_path, catalog=str(catalog_path), out=str(cut), save_every=3))
-    log_whole = [json.loads(x) for x in (whole / "train_log.jsonl").read_text().splitlines()]
+# Runs training.train's CLI with rundir.save_hook set to SIGKILL the process at the nth time a save reaches
+# `point` (no clean shutdown); "aside" also takes away the atomic exchange, as on a system without one.
+KILL_IN_SAVE = """
+import collections, os, signal, sys
+import training.train
+from training import rundir
+point, nth = sys.argv[1], int(sys.argv[2])
+seen = collections.Counter()
+def hook(at):
+    seen[at] += 1
+    if at == point and seen[at] == nth:
+        os.kill(os.getpid(), signal.SIGKILL)
+rundir.save_hook = hook
+if point == "aside":
+    rundir._exchange = lambda a, b: False
+training.train.main(sys.argv[3:])
+"""
+KILLED_RUN = dict(batch_size=8, max_steps=4, save_every=1)  # a save after each of the first 4 steps of 27
+
+
+@pytest.fixture(scope="module")
+def whole_run(tmp_path_factory, catalog_path) -> Path:
+    """The run that the killed runs, once resumed, must reproduce, uninterrupted."""
+    tmp = tmp_path_factory.mktemp("whole")
+    return train(_cfg(tmp, catalog=str(catalog_path), **KILLED_RUN))
+
+
+@pytest.mark.parametrize(("point", "survivor"), [
+    ("weights", 1),  # the new weights staged, not their training state: the step-1 checkpoint survives
+    ("aside", 2),  # without an atomic exchange, between its two renames: the staged step 2 is moved in
+    ("published", 2),  # swapped in, the old generation not yet deleted: step 2
+])
+def test_a_run_killed_inside_a_save_resumes_exactly(tmp_path, catalog_path, whole_run, point, survivor):
+    """SIGKILL at a point inside the step-2 save, then resume: the same steps, losses, metrics and weights as
+    one whole run. A kill there once left the step-2 weights beside the step-1 training state."""
+    cfg = _cfg(tmp_path, catalog=str(catalog_path), **KILLED_RUN)
+    args = ["--model", "test-tiny", "--catalog", str(catalog_path), "--limit", "240", "--batch-size", "8",
+            "--val-queries", "40", "--no-eval-at-start", "--warmup-steps", "2", "--max-steps", "4",
+            "--save-every", "1", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run")]
+    assert parse_args(args)[0] == cfg
+    killed = subprocess.run([sys.executable, "-c", KILL_IN_SAVE, point, "2", *args], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL: the hook fired
+    out = Path(cfg.out)
+    rundir.recover(out)  # what every run does first
+    assert torch.load(out / "training_state.pt", weights_only=False)["step"] == survivor
+    resumed = train(cfg)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "run"]  # no stage, nothing aside
+    log_whole = [json.loads(x) for x in (whole_run / "train_log.jsonl").read_text().splitlines()]
     log_resumed = [json.loads(x) for x in (resumed / "train_log.jsonl").read_text().splitlines()]
-    assert 6 <= killed_at < len(log_whole)  # killed mid-run
-    assert [x["step"] for x in log_resumed] == [x["step"] for x in log_whole]  # nothing logged twice
-    for a, b in zip(log_whole, log_resumed):
-        assert b["loss"] == pytest.approx(a["loss"], abs=1e-4), a["step"]
-    a, b = load_file(str(whole / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-3)
+    assert [x["step"] for x in log_whole] == [1, 2, 3, 4]
+    assert log_resumed == log_whole  # every step once, the same losses to the last logged digit
+    times = {"seconds", "train_seconds"}
+    history = [json.loads((run / "config.json").read_text())["history"] for run in (whole_run, resumed)]
+    assert [{k: v for k, v in h.items() if k not in times} for h in history[0]] == \
+        [{k: v for k, v in h.items() if k not in times} for h in history[1]]
+    a, b = load_file(str(whole_run / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _saved_step(state_file) -> int:
-    try:
-        return torch.load(state_file, weights_only=False)["step"]
-    except Exception:  # noqa: BLE001  (read while being replaced: try again)
-        return -1
+def test_a_run_of_another_configuration_is_refused(tmp_path, catalog_path):
+    """--out holding a run of another recipe, model config or catalog content refuses, in one sentence and
+    touching nothing; what changes neither weights nor metrics (saving, validating, where, when to stop) resumes."""
+    cfg = _cfg(tmp_path, catalog=str(catalog_path), max_steps=1)
+    out = train(cfg)
+    moved = tmp_path / "moved.parquet"  # the same content elsewhere: the same catalog
+    shutil.copy(catalog_path, moved)
+    train(dataclasses.replace(cfg, catalog=str(moved), max_steps=2, save_every=5, val_every=7, device="cpu",
+                              eval_at_start=True, cache_dir=str(tmp_path / "cache2")))
+    state_file = out / "training_state.pt"
+    assert torch.load(state_file, weights_only=False)["step"] == 2
+    recorded = json.loads((out / "config.json").read_text())["run_identity"]
+    assert recorded["catalog"]["products"] == 240 and recorded["recipe"]["limit"] == 240
+    assert "device" not in recorded["recipe"] and recorded["model_cfg"]["embed_dim"] == 128
+
+    other_model = tmp_path / "tiny-64.json"
+    other_model.write_text(json.dumps({**get_model_config("test-tiny").to_dict(), "embed_dim": 64}))
+    before = state_file.stat().st_mtime_ns
+    for change, expected in [
+        ({"lr": 2e-3}, "lr 0.001 -> 0.002"),
+        ({"epochs": 2}, "epochs 1 -> 2"),  # a longer cosine schedule: not a continuation
+        ({"limit": 200}, "limit 240 -> 200; catalog "),
+        ({"model": str(other_model)}, "model config (embed_dim)"),
+    ]:
+        with pytest.raises(OtherRunError, match=rf"^{re.escape(str(out))} holds a run trained with another "
+                                                 rf"configuration \(.*{re.escape(expected)}.*\): pass another "
+                                                 rf"--out, or delete {re.escape(str(out))} "):
+            train(dataclasses.replace(cfg, max_steps=2, **change))
+    assert state_file.stat().st_mtime_ns == before
+
+    with pytest.raises(SystemExit) as exit_:  # the command line: the same sentence, exit status 1
+        main(["--model", "test-tiny", "--catalog", str(catalog_path), "--limit", "240", "--batch-size", "16",
+              "--lr", "0.002", "--out", str(out)])
+    message = str(exit_.value.code)
+    assert message.startswith(f"error: {out} holds a run") and message.endswith("to train this one there")
+    assert "\n" not in message and "lr 0.001 -> 0.002" in message
+
+    # A run saved before identities were recorded: compared by its config.json's recipe and catalog path
+    # (the last save read the moved copy).
+    state = torch.load(state_file, weights_only=False)
+    del state["identity"]
+    torch.save(state, state_file)
+    with pytest.raises(OtherRunError, match=r"\(limit 240 -> 200\)"):
+        train(dataclasses.replace(cfg, catalog=str(moved), limit=200, max_steps=2))
+    with pytest.raises(OtherRunError, match=rf"\(catalog {re.escape(str(moved))} -> {re.escape(str(catalog_path))} \("):
+        train(dataclasses.replace(cfg, max_steps=2))
 
 
 def test_cli_help_and_overrides(tmp_path, capsys):

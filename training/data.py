@@ -91,6 +91,21 @@ def build_product_set(df: pd.DataFrame, image_cfg: dict | None, report: CatalogR
     )
 
 
+def catalog_fingerprint(df: pd.DataFrame) -> str:
+    """sha256 of a catalog as read (after --limit and the column mapping), in row order: every product's id,
+    texts, attributes, price and image (its bytes, or its path or URL: a file behind a path is not read)."""
+    digest = hashlib.sha256()
+    for column in df.columns:
+        if column == "_row":  # where rows sat in the file: only messages use it
+            continue
+        digest.update(f"\0{column}\0".encode())
+        for value in df[column]:
+            data = bytes(value) if isinstance(value, (bytes, bytearray)) else repr(value).encode()
+            digest.update(len(data).to_bytes(8, "little"))
+            digest.update(data)
+    return digest.hexdigest()
+
+
 def split_indices(ids: list[str], val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """A stable train/validation split by hashing product ids (independent of row order)."""
     bucket = np.array([int(hashlib.sha1(f"{seed}:{pid}".encode()).hexdigest()[:8], 16) % 10_000

@@ -4,7 +4,10 @@
 
 All defaults live in TrainCfg below; `--config run.json` overrides them, and flags override both.
 A run resumes exactly where it stopped (same next batch, same next loss) when --out already holds
-its training state. Every checkpoint is a complete export-ready directory (see training.factory).
+its training state, trained with the same configuration (run_identity: the catalog's content, the
+model config, the recipe); a run of another configuration there is refused, never mixed in. Every
+checkpoint is a complete export-ready directory (see training.factory), replaced whole at each save
+(training.rundir): a kill leaves the previous checkpoint or the new one, never half of each.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 import logging
 import math
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,8 +33,9 @@ from core.catalog import DEFAULT_CATALOG, ColumnMap, read_catalog
 from core.metrics import rank, retrieval_metrics, without_query_products
 from core.queries import Query, generate_queries, generate_query, look, relevant_ids
 
+from . import rundir
 from .calibrate import MIN_OWN_AT_1, calibrate
-from .data import ProductSet, build_product_set, photo_queries, split_indices
+from .data import ProductSet, build_product_set, catalog_fingerprint, photo_queries, split_indices
 from .encode import (
     embed_image_queries,
     embed_products,
@@ -40,7 +45,15 @@ from .encode import (
     resolve_device,
     tokenize,
 )
-from .factory import create_model, create_tokenizer, get_model_config, list_models, preprocess_config, save_checkpoint
+from .factory import (
+    create_model,
+    create_tokenizer,
+    get_model_config,
+    list_models,
+    load_checkpoint_config,
+    preprocess_config,
+    save_checkpoint,
+)
 from .model import ProductSearchModel
 
 logger = logging.getLogger("training")
@@ -50,20 +63,29 @@ LOG_FILE = "train_log.jsonl"  # one line of losses per step
 LOG_EVERY = 25  # steps between progress lines when stderr is not a terminal
 
 
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
+def _f(default, help: str, shapes: bool = True):
+    """A TrainCfg field. `shapes=False` marks the few that change neither a weight nor a recorded metric:
+    where and how fast the run goes, where it writes, how often it saves or validates, when it stops
+    (max_steps keeps the schedule). A run resumes under new values of those; any other change refuses
+    to resume (see run_identity). `epochs` shapes: it sets the length of the cosine schedule, so a
+    1-epoch run continued to 3 is no 3-epoch run (stop early and continue with max_steps instead)."""
+    return field(default=default, metadata={"help": help, "shapes": shapes})
 
 
 @dataclass
 class TrainCfg:
     model: str = _f("mm3-concat", "model config name (training/model_configs/), .json file, or checkpoint dir")
-    catalog: str = _f(DEFAULT_CATALOG, "catalog file: .parquet, .csv or .jsonl")
-    out: str = _f("runs/mm3-concat", "output checkpoint directory; holding a training state, the run resumes")
+    # The catalog's content shapes the run (run_identity), not the path it is read from.
+    catalog: str = _f(DEFAULT_CATALOG, "catalog file: .parquet, .csv or .jsonl", shapes=False)
+    out: str = _f("runs/mm3-concat", "output checkpoint directory; holding the training state of a run with "
+                  "the same catalog content, model config and recipe, the run resumes (or is already done); "
+                  "of another, it is refused", shapes=False)
     limit: int = _f(0, "use only the first N catalog rows (0 = all)")
     val_fraction: float = _f(0.05, "share of products held out for validation (split by id hash)")
     val_queries: int = _f(1000, "number of generated validation queries (disjoint products)")
     epochs: int = _f(1, "passes over the training products")
-    max_steps: int = _f(0, "stop after this many steps in total, keeping the schedule (0 = no limit)")
+    max_steps: int = _f(0, "stop after this many steps in total, keeping the schedule (0 = no limit); a later "
+                        "run with a larger value continues", shapes=False)
     batch_size: int = _f(128, "products (and queries) per step: the in-batch negatives")
     lr: float = _f(1e-3, "learning rate of the parts trained from scratch (projections, fusion, ViT)")
     lr_pretrained: float = _f(5e-5, "learning rate of pretrained encoders (BERT, a pretrained CLIP)")
@@ -84,14 +106,15 @@ class TrainCfg:
     crop_scale: float = _f(0.6, "smallest share of the photo's area a random crop keeps")
     hard_negatives: bool = _f(False, "add one hard negative per product: same article type, other colour")
     seed: int = _f(0, "seed for the split, query generation, batching and dropout")
-    save_every: int = _f(200, "save a resumable checkpoint every N steps (and at each epoch end)")
+    save_every: int = _f(200, "save a resumable checkpoint every N steps (and at each epoch end)", shapes=False)
     val_every: int = _f(0, "also validate every N steps: a learning curve in config.json's history (0 = only at "
-                        "epoch ends)")
-    eval_at_start: bool = _f(True, "validate the untrained model first (step 0 of the history in config.json)")
-    threads: int = _f(0, "torch intra-op threads (0 = torch default)")
+                        "epoch ends)", shapes=False)
+    eval_at_start: bool = _f(True, "validate the untrained model first (step 0 of the history in config.json)",
+                             shapes=False)
+    threads: int = _f(0, "torch intra-op threads (0 = torch default)", shapes=False)
     device: str = _f("auto", "where to train: auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda, "
-                     "cuda:N; a checkpoint from either serves and resumes on either")
-    cache_dir: str = _f("cache", "where decoded catalog images are cached between runs")
+                     "cuda:N; a checkpoint from either serves and resumes on either", shapes=False)
+    cache_dir: str = _f("cache", "where decoded catalog images are cached between runs", shapes=False)
 
 
 def field_parser(f: dataclasses.Field):
@@ -114,7 +137,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainCfg, ColumnMap]:
             parser.add_argument(flag, type=field_parser(f), default=None,
                                 help=f.metadata["help"] + f" (default: {f.default})")
     ColumnMap.add_arguments(parser)
-    parser.epilog = "models: " + ", ".join(list_models())
+    free = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(TrainCfg) if not f.metadata["shapes"]]
+    parser.epilog = (f"A run resumes only with the model config, the catalog content (as read: --limit and the "
+                     f"column flags applied) and the flags it began with, but for {', '.join(free)} (--catalog "
+                     f"to the same content elsewhere). models: {', '.join(list_models())}")
     args = parser.parse_args(argv)
     values = {}
     if args.config:
@@ -122,6 +148,62 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainCfg, ColumnMap]:
     values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(TrainCfg)
                    if getattr(args, f.name) is not None})
     return TrainCfg(**values), ColumnMap.from_args(args)
+
+
+# -- what shaped a run -------------------------------------------------------------------------
+
+class OtherRunError(ValueError):
+    """--out holds a run trained with another configuration."""
+
+
+def run_identity(cfg: TrainCfg, catalog) -> dict:
+    """What a run's weights and recorded metrics depend on, saved with every checkpoint and compared on resume.
+
+    The recipe (every TrainCfg field but the few marked shapes=False), the model config as the run started
+    (calibration later changes one field of the checkpoint's), and the catalog as read (`catalog`, the frame
+    from read_catalog: --limit and the column mapping included) by content, not by path.
+    """
+    identity = {
+        "recipe": {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainCfg) if f.metadata["shapes"]},
+        "model_cfg": get_model_config(cfg.model).to_dict(),
+        "catalog": {"path": catalog.attrs["path"], "products": len(catalog), "sha256": catalog_fingerprint(catalog)},
+    }
+    return json.loads(json.dumps(identity))  # as config.json holds it (lists, not tuples)
+
+
+def recorded_identity(out: Path, state: dict) -> dict:
+    if "identity" in state:
+        return state["identity"]
+    # Saved before runs recorded their identity: the recipe from config.json, the catalog by path.
+    train_cfg = load_checkpoint_config(out).get("train_cfg", {})
+    shaping = {f.name for f in dataclasses.fields(TrainCfg) if f.metadata["shapes"]}
+    return {"recipe": {k: v for k, v in train_cfg.items() if k in shaping},
+            "catalog": {"path": str(Path(train_cfg.get("catalog", "")).resolve())}}
+
+
+def identity_changes(recorded: dict, current: dict) -> list[str]:
+    """What differs between the configuration a run was trained with and this one; [] lets it resume.
+
+    A TrainCfg field the recorded run predates is taken as unchanged (its default keeps the old behaviour).
+    """
+    old_recipe, new_recipe = recorded["recipe"], current["recipe"]
+    changes = [f"{k} {v!r} -> {new_recipe[k]!r}" for k, v in old_recipe.items()
+               if k in new_recipe and v != new_recipe[k]]
+    old_model = recorded.get("model_cfg", current["model_cfg"])
+    if old_model != current["model_cfg"]:
+        keys = sorted(k for k in {*old_model, *current["model_cfg"]} if old_model.get(k) != current["model_cfg"].get(k))
+        changes.append(f"model config ({', '.join(keys)})")
+    old, new = recorded["catalog"], current["catalog"]
+    same = old["sha256"] == new["sha256"] if "sha256" in old else old["path"] == new["path"]
+    if not same:
+        changes.append(f"catalog {_catalog_text(old)} -> {_catalog_text(new)}")
+    return changes
+
+
+def _catalog_text(catalog: dict) -> str:
+    if "sha256" not in catalog:
+        return catalog["path"]
+    return f"{catalog['path']} ({catalog['products']} products, sha256 {catalog['sha256'][:12]})"
 
 
 # -- loss -------------------------------------------------------------------------------------
@@ -348,16 +430,24 @@ def train(cfg: TrainCfg, columns: ColumnMap | None = None) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
+    rundir.recover(out)  # a save a kill interrupted: finished or undone
     state_file = out / STATE_FILE
     resuming = state_file.is_file()
-    if resuming and torch.load(state_file, weights_only=False, map_location="cpu").get("finished"):
-        logger.info("%s is already trained (delete it, or pick another --out, to train again)", out)
-        return out
+    state = torch.load(state_file, weights_only=False, map_location="cpu") if resuming else None
+    df, report = read_catalog(cfg.catalog, columns, limit=cfg.limit or None)
+    identity = run_identity(cfg, df)
+    if resuming:
+        changes = identity_changes(recorded_identity(out, state), identity)
+        if changes:
+            raise OtherRunError(f"{out} holds a run trained with another configuration ({'; '.join(changes)}): "
+                                f"pass another --out, or delete {out} to train this one there")
+        if state.get("finished"):
+            logger.info("%s is already trained (delete it, or pick another --out, to train again)", out)
+            return out
     source = str(out) if resuming else cfg.model
     model_cfg = get_model_config(source)
     image_cfg = preprocess_config(model_cfg)["image"]
 
-    df, report = read_catalog(cfg.catalog, columns, limit=cfg.limit or None)
     products = build_product_set(df, image_cfg, report, cfg.cache_dir)
     report.log()
     train_idx, val_idx = split_indices(products.ids, cfg.val_fraction, cfg.seed)
@@ -390,7 +480,6 @@ def train(cfg: TrainCfg, columns: ColumnMap | None = None) -> Path:
     step, train_seconds = 0, 0.0  # train_seconds: time in training steps, validation excluded
     history: list[dict] = []
     if resuming:
-        state = torch.load(state_file, weights_only=False, map_location="cpu")
         optimizer.load_state_dict(state["optimizer"])  # moves its state to the parameters' device
         if heads is not None:
             heads.load_state_dict(state["heads"])
@@ -406,14 +495,19 @@ def train(cfg: TrainCfg, columns: ColumnMap | None = None) -> Path:
     calibration: dict = {}
 
     def save(finished: bool = False) -> None:
-        save_checkpoint(model, tokenizer, out, train_cfg=asdict(cfg), history=history,
+        # The whole generation (weights, config, tokenizer, training state) is written beside `out` and
+        # swapped in at once: a kill anywhere leaves the previous one or this one, never weights ahead of
+        # their training state.
+        staged = rundir.stage(out)
+        save_checkpoint(model, tokenizer, staged, train_cfg=asdict(cfg), run_identity=identity, history=history,
                         catalog_report=report.summary(),
                         **({"image_query_calibration": calibration} if calibration else {}))
-        tmp = state_file.with_suffix(".tmp")
+        rundir.save_hook("weights")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "heads": heads.state_dict() if heads is not None else None,
-                    "step": step, "history": history, "finished": finished, "train_seconds": train_seconds}, tmp)
-        tmp.replace(state_file)
+                    "heads": heads.state_dict() if heads is not None else None, "identity": identity,
+                    "step": step, "history": history, "finished": finished, "train_seconds": train_seconds},
+                   staged / STATE_FILE)
+        rundir.publish(staged, out)
 
     out.mkdir(parents=True, exist_ok=True)
     log_file = out / LOG_FILE
@@ -482,7 +576,10 @@ def _fmt(metrics: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg, columns = parse_args(argv)
-    out = train(cfg, columns)
+    try:
+        out = train(cfg, columns)
+    except OtherRunError as exc:
+        sys.exit(f"error: {exc}")
     logger.info("checkpoint: %s", out)
 
 
