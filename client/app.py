@@ -29,13 +29,16 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python client/app.py` from a checkout
     sys.path.insert(0, str(ROOT))
 
+import grpc  # noqa: E402
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile  # noqa: E402
 from fastapi.exception_handlers import request_validation_exception_handler  # noqa: E402
 from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response  # noqa: E402
+from pymilvus.exceptions import MilvusException  # noqa: E402
 
 from client import serving, store  # noqa: E402
 from client.connection import add_connection_args  # noqa: E402
+from client.deadlines import whole_seconds  # noqa: E402
 from client.encoder import EncoderUnavailable, EncodingError, TritonEncoder  # noqa: E402
 from client.filters import filter_expression  # noqa: E402
 from client.fusion import MODES  # noqa: E402
@@ -58,13 +61,36 @@ class ApiError(Exception):
         self.status, self.message, self.error_class = status, message, error_class
 
 
+class _Shared:
+    """The Milvus client every request thread uses, and how many requests use it now."""
+
+    def __init__(self, client):
+        self.client, self.users, self.retired = client, 0, False
+
+    def close(self) -> None:
+        """Closed on a thread of its own: pymilvus closes under a process-wide lock that a connect to a dead
+        server holds for its whole timeout, and no request should wait on that."""
+        def close() -> None:
+            try:
+                self.client.close()
+            except Exception:  # noqa: BLE001  (closing a broken connection must not raise)
+                pass
+
+        threading.Thread(target=close, name="milvus-close", daemon=True).start()
+
+
 class Backend:
     """Triton + Milvus connections, made lazily and remade after a failure, so the page starts (and says
-    what is down) even when a dependency is.
+    what is down) even when a dependency is, and recovers by itself when it is back.
 
     Each request thread gets its own Triton client (tritonclient's HTTP client is not thread-safe);
-    the Milvus client is shared. Locks guard only the swapping of references, never a network call,
-    so during an outage requests fail fast side by side instead of queueing behind one another.
+    a Triton failure makes every thread remake its own. The Milvus client is shared, leased by each
+    request. A connection-level failure (no answer within the deadline, unreachable) retires it and
+    marks Milvus down: while it is down, one request at a time finds out whether it is back (with a new
+    client), and the others are answered 503 at once with the last failure, instead of queueing behind
+    connects. A retired client is closed once the last request using it is done, never under one.
+    Every call has a deadline (`timeout_s`, client/deadlines.py), and locks guard only the swapping of
+    references, never a network call.
     """
 
     def __init__(self, triton_url: str, protocol: str, milvus_uri: str, collection: str, timeout_s: float,
@@ -74,73 +100,124 @@ class Backend:
         self.credentials = milvus_credentials
         self._lock = threading.Lock()
         self._connect_lock = threading.Lock()
-        self._generation = 0  # bumped by reset(): thread-local clients of older generations are remade
-        self._milvus = None
+        self._milvus: _Shared | None = None
+        self._down: str | None = None  # why Milvus is down (its last failure); None while it answers
+        self._probing = False  # a request is finding out whether Milvus is back
+        self._triton_generation = 0  # bumped after a Triton failure: every thread remakes its Triton client
         self._local = threading.local()
-        self._health_lock = threading.Lock()
-        self._health_encoder: TritonEncoder | None = None
-        self._health_milvus = None
 
-    def _milvus_client(self):
+    def _admit(self) -> bool:
+        """Whether this request may use Milvus; True if it is the one probing an outage. Raises StoreError
+        (the last failure) while another request probes."""
+        with self._lock:
+            if self._down is None:
+                return False
+            if self._probing:
+                raise store.StoreError(self._down)
+            self._probing = True
+            return True
+
+    def _lease(self) -> _Shared:
+        """The current Milvus client (made if there is none), counted as in use until _release."""
         with self._lock:
             if self._milvus is not None:
+                self._milvus.users += 1
                 return self._milvus
-        with self._connect_lock:  # one thread connects (bounded by the timeout); the others reuse it
+        with self._connect_lock:  # at start or after a failure: one thread connects, the rest use its client
             with self._lock:
-                if self._milvus is not None:
-                    return self._milvus
-            client = store.connect(self.milvus_uri, *self.credentials, timeout_s=self.timeout_s)
+                shared = self._milvus
+            if shared is None:
+                # Its calls never wait longer than a search's deadline, not even to load a collection.
+                shared = _Shared(store.connect(self.milvus_uri, *self.credentials, self.timeout_s, self.timeout_s))
             with self._lock:
-                self._milvus = client
-            return client
+                self._milvus = shared
+                shared.users += 1
+                return shared
 
-    def searcher(self) -> Searcher:
+    def _release(self, shared: _Shared | None, probe: bool, verdict: str | None) -> None:
+        """Done with `shared`. `verdict`: "" Milvus answered, a sentence it is down, None this request cannot tell
+        (it failed before reaching Milvus)."""
+        with self._lock:
+            if probe:
+                self._probing = False
+            if verdict == "":
+                self._down = None
+            elif verdict:
+                self._down = verdict
+                if shared is not None and self._milvus is shared:
+                    self._milvus, shared.retired = None, True  # new requests get a new client
+            if shared is None:
+                return
+            shared.users -= 1
+            close = shared.retired and shared.users == 0
+        if close:
+            shared.close()
+
+    def _searcher(self, milvus: _Shared) -> Searcher:
         local = self._local
-        if getattr(local, "searcher", None) is None or local.generation != self._generation:
-            if getattr(local, "searcher", None) is not None:
-                local.searcher.close()
-            local.searcher = None
+        searcher = getattr(local, "searcher", None)
+        if searcher is not None and (local.milvus is not milvus or local.triton != self._triton_generation):
+            searcher.close()  # its own Triton clients; the Milvus client is the leases' to close
+            searcher = local.searcher = None
+        if searcher is None:
+            triton = self._triton_generation
             encoder = TritonEncoder(self.triton_url, self.protocol, timeout_s=self.timeout_s)
             try:  # the searcher checks the model set its collection records is ready
-                local.searcher = Searcher(encoder, self._milvus_client(), self.collection)
+                searcher = Searcher(encoder, milvus.client, self.collection)
             except BaseException:
                 encoder.close()
                 raise
-            local.generation = self._generation
-        return local.searcher
+            local.searcher, local.milvus, local.triton = searcher, milvus, triton
+        return searcher
 
-    def reset(self) -> None:
-        """Drop every connection after a failure: this thread's now, the other threads' on their next use."""
-        with self._lock:
-            self._generation += 1
-            client, self._milvus = self._milvus, None
-        if getattr(self._local, "searcher", None) is not None:
-            self._local.searcher.close()
-            self._local.searcher = None
-        if client is not None:
-            try:
-                client.close()
-            except Exception:  # noqa: BLE001  (closing a broken connection must not raise)
-                pass
+    def _verdict(self, exc: BaseException) -> str | None:
+        """What a request's failure says of Milvus: a sentence when it is down, "" when it answered (it refused
+        one call: a filter, a missing collection), None when the request did not get that far (Triton)."""
+        if isinstance(exc, store.StoreError):
+            return str(exc) if exc.unavailable else ""
+        if isinstance(exc, (MilvusException, grpc.RpcError)):
+            message = store.failure(exc, self.milvus_uri, whole_seconds(self.timeout_s))
+            return message if store.unavailable(message) else ""
+        return None
+
+    def _using_milvus(self, work):
+        """work(the shared Milvus client), through the outage gate, a lease and the failure accounting."""
+        try:
+            probe = self._admit()
+        except store.StoreError as exc:
+            raise ApiError(503, str(exc), "milvus") from None
+        shared, verdict = None, None
+        try:
+            shared = self._lease()
+            result = work(shared)
+            verdict = ""
+            return result
+        except BaseException as exc:
+            verdict = self._verdict(exc)
+            raise
+        finally:
+            self._release(shared, probe, verdict)
 
     def search(self, text: str | None, image: bytes | None, k: int, expression: str,
                mode: str = "hybrid") -> SearchResult:
         try:
-            return self.searcher().search(text, image, k, expression, mode)
+            return self._using_milvus(lambda shared: self._searcher(shared).search(text, image, k, expression, mode))
+        except ApiError:
+            raise
         except EncodingError as exc:
             raise ApiError(400, str(exc)) from None
         except EncoderUnavailable as exc:
-            self.reset()
-            raise ApiError(503, f"Triton is unavailable: {exc}", "triton") from None
-        except store.StoreError as exc:
-            self.reset()
-            raise ApiError(503, f"Milvus: {exc}", "milvus") from None
-        except Exception as exc:  # pymilvus raises its own types for bad expressions, timeouts, lost connections
+            with self._lock:
+                self._triton_generation += 1
+            raise ApiError(503, exc.short, "triton") from None
+        except store.StoreError as exc:  # down, or no such collection, or another model's: not the user's
+            raise ApiError(503, str(exc), "milvus") from None
+        except (MilvusException, grpc.RpcError) as exc:
+            message = store.failure(exc, self.milvus_uri, whole_seconds(self.timeout_s))
             if expression and _is_filter_error(exc):
-                raise ApiError(400, f"Milvus refused the filter {expression!r}: {exc}") from None
-            self.reset()
-            logger.exception("search failed")
-            raise ApiError(503, f"search backend failed: {type(exc).__name__}: {exc}", "milvus") from None
+                raise ApiError(400, f"Milvus refused the filter {expression!r}: {_message(exc)}") from None
+            logger.warning("search failed: %s", message)
+            raise ApiError(503, message, "milvus") from None
 
     def fingerprint(self) -> str:
         """The served model's fingerprint, as this thread's Triton client last read it."""
@@ -148,29 +225,32 @@ class Backend:
         return searcher.fingerprint if searcher is not None else "unknown"
 
     def health(self) -> dict:
-        """What is up, through clients kept between polls (the page asks every 15 s) and remade after a failure."""
-        timeout_s, out = min(self.timeout_s, 3.0), {}
-        with self._health_lock:
-            encoder, milvus = self._health_encoder, self._health_milvus
+        """What is up: Triton through a client of its own, Milvus through the shared one (and its outage gate)."""
+        out = {}
+        encoder = TritonEncoder(self.triton_url, self.protocol, timeout_s=self.timeout_s)
         try:
-            encoder = encoder or TritonEncoder(self.triton_url, self.protocol, timeout_s=timeout_s)
             encoder.check_ready([QUERY_ENCODER])
             out["triton"] = "ok"
-        except Exception as exc:  # noqa: BLE001  (reported, not raised: this is the health page)
-            if encoder is not None:
-                encoder.close()
-            encoder = None
-            out["triton"] = f"unhealthy: {exc}"
+        except EncoderUnavailable as exc:
+            out["triton"] = f"unhealthy: {exc.short}"
+        finally:
+            encoder.close()
         try:
-            milvus = milvus or store.connect(self.milvus_uri, *self.credentials, timeout_s=timeout_s)
-            out["milvus"] = "ok" if serving.resolve(milvus, self.collection) else \
-                f"unhealthy: no collection {self.collection!r} (index a catalog first)"
-        except Exception as exc:  # noqa: BLE001
-            milvus = None
+            found = self._using_milvus(lambda shared: serving.resolve(shared.client, self.collection))
+            out["milvus"] = "ok" if found else f"unhealthy: no collection {self.collection!r} (index a catalog first)"
+        except store.StoreError as exc:
             out["milvus"] = f"unhealthy: {exc}"
-        with self._health_lock:
-            self._health_encoder, self._health_milvus = encoder, milvus
+        except ApiError as exc:
+            out["milvus"] = f"unhealthy: {exc.message}"
+        except (MilvusException, grpc.RpcError) as exc:
+            out["milvus"] = f"unhealthy: {store.failure(exc, self.milvus_uri, whole_seconds(self.timeout_s))}"
         return out
+
+
+def _message(exc: BaseException) -> str:
+    """What a pymilvus or gRPC error says, without its class's repr around it."""
+    details = getattr(exc, "details", None)
+    return str(getattr(exc, "message", None) or (details() if callable(details) else None) or exc)
 
 
 def _is_filter_error(exc: Exception) -> bool:
@@ -279,6 +359,13 @@ def create_app(backend: Backend, images: CatalogImages, max_upload_bytes: int = 
         metrics.error(exc.error_class)
         return JSONResponse({"error": exc.message}, status_code=exc.status)
 
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        """Ours, not a dependency's: logged with its traceback, answered without it."""
+        logger.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        metrics.error("internal")
+        return JSONResponse({"error": "internal error: the page's log says what failed"}, status_code=500)
+
     def searched(kind: str, text: str | None, image_data: bytes | None, k: int, expression: str,
                  mode: str = "hybrid") -> SearchResult:
         started = time.perf_counter()
@@ -362,7 +449,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the page)")
     p.add_argument("--port", type=int, default=8080, help="port of the page and API")
     p.add_argument("--catalog", default=DEFAULT_CATALOG, help="catalog the product photos are served from")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds before a Triton or Milvus call gives up")
     p.add_argument("--max-upload-mb", type=int, default=MAX_UPLOAD_BYTES // (1024 * 1024),
                    help="largest photo accepted for image search")
     add_connection_args(p)

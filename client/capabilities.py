@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
 
-TIMEOUT_S = 10  # whole seconds: pymilvus ignores a float timeout and retries for minutes
 SERVER_INDEX_TYPES = ("AUTOINDEX", "FLAT", "IVF_FLAT", "HNSW")  # the ones client/store.py has parameters for
 LITE_INDEX_TYPES = ("AUTOINDEX", "FLAT", "IVF_FLAT")  # Lite: "local mode only support FLAT IVF_FLAT AUTOINDEX"
 
@@ -59,7 +58,7 @@ def capabilities(client) -> Capabilities:
 
     try:
         with quiet_pymilvus():
-            version = str(client.get_server_version(timeout=TIMEOUT_S))
+            version = str(client.get_server_version())
     except grpc.RpcError as exc:
         if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
             raise

@@ -8,20 +8,24 @@ the embedding width is read from the server, never assumed.
 from __future__ import annotations
 
 import logging
-import time
+import threading
 from collections.abc import Sequence
 
 import numpy as np
 
+from client.deadlines import SEARCH_TIMEOUT_S
+from core.preprocess import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from core.specs import (
     DESCRIPTION,
     EMBEDDING,
     FINGERPRINT_PARAMETER,
     IMAGE,
     IMAGE_ENCODER,
+    IMAGE_PREPROCESS,
     PRODUCT_ENCODER,
     QUERY,
     QUERY_ENCODER,
+    QUERY_IMAGE_PREPROCESS,
     TITLE,
     model_name,
 )
@@ -32,7 +36,12 @@ OUTPUT = EMBEDDING
 
 
 class EncoderUnavailable(RuntimeError):
-    """Triton cannot be reached, or a model is not ready."""
+    """Triton cannot be reached, or a model is not ready. `short`: the one sentence of what is down (the page's
+    answer); the message adds what to do."""
+
+    def __init__(self, message: str, short: str = ""):
+        super().__init__(message)
+        self.short = short or message
 
 
 class EncoderFault(EncoderUnavailable):
@@ -47,20 +56,42 @@ class EncodingError(ValueError):
     """Triton refused one request as invalid input (bad image, empty query...): the message says why."""
 
 
-class _Miscounted(Exception):
-    """Triton's ensemble miscounted the strings of a well-formed request (see MISCOUNTED_STRINGS)."""
+class _Corrupted(Exception):
+    """Triton 2.51 answered a well-formed request as if it held other bytes (see CORRUPTED)."""
 
 
 # How Triton says "the caller's input is invalid" (TRITONSERVER_ERROR_INVALID_ARG) on each protocol;
 # the Python models answer bad input with TritonError.INVALID_ARG. Every other status is a server fault.
 INVALID_INPUT_STATUS = {"grpc": ("StatusCode.INVALID_ARGUMENT",), "http": ("400",)}
-# Triton 2.51's ensemble, right after an ensemble request failed in one branch (a broken photo) while
-# another branch was still running, now and then rejects a later well-formed request with "unexpected
-# number of string elements 2 for inference input 'TITLE', expecting 1" (seen 1 in 40 runs of 6 products).
-# Our BYTES tensors hold exactly their shape's element count by construction, so this is the server's
-# fault: sent again, the same request succeeds.
-MISCOUNTED_STRINGS = "number of string elements"
+# Triton 2.51's Python backend (the nvidia-pytriton 0.7.0 binary), after an ensemble request failed in one
+# step (a photo it could not decode) while another step of it still ran, now and then answers later
+# well-formed requests as if they held other bytes: "unexpected number of string elements", "incomplete
+# string data", even "bad image" for a photo that decodes. bench/triton_strings.py reproduces it with
+# tritonclient alone (results: bench/results/triton_strings.md). Two defences: photos are decoded here
+# first, with the code the Triton models run (core.preprocess), so our own traffic never fails a step;
+# and on an affected server, such an answer to a request whose photos decoded is sent again (RESENDS
+# times at most), each resend counted (resends(): mmsearch_triton_resends_total on the page's /metrics).
+AFFECTED_VERSIONS = ("2.51.",)
+CORRUPTED = ("number of string elements", "incomplete string data", "bad image")
 RESENDS = 2
+_resends = [0]
+_resends_lock = threading.Lock()
+
+
+def resends() -> int:
+    """Requests this process sent again because an affected Triton corrupted them."""
+    return _resends[0]
+
+
+def _reason(exc: BaseException) -> str:
+    """Why a call to Triton failed, in words (a timeout, a refused connection), not a class name."""
+    text = exc.message() if callable(getattr(exc, "message", None)) else str(exc)
+    text = text or str(exc)
+    if "deadline" in text.lower() or isinstance(exc, TimeoutError) or "timed out" in text.lower():
+        return "no answer within the deadline"
+    if "connect" in text.lower() or isinstance(exc, ConnectionError):
+        return "connection refused or lost"
+    return text.splitlines()[0][:200] if text else "no reason given"
 
 
 def protocol_module(protocol: str):
@@ -74,22 +105,23 @@ def protocol_module(protocol: str):
 
 
 class TritonEncoder:
-    def __init__(self, url: str = "127.0.0.1:8001", protocol: str = "grpc", timeout_s: float = 30.0, tag: str = ""):
+    def __init__(self, url: str = "127.0.0.1:8001", protocol: str = "grpc", timeout_s: float = SEARCH_TIMEOUT_S,
+                 tag: str = ""):
         self.url, self.protocol, self.timeout_s = url, protocol, timeout_s
         self.tag = tag  # which model set: the ensembles' served names are model_name(QUERY_ENCODER, tag)...
         model_name(QUERY_ENCODER, tag)  # a malformed tag fails here, not on the first request
         self.module = protocol_module(protocol)
-        kwargs = {"network_timeout": timeout_s} if protocol == "http" else {}
+        kwargs = {"network_timeout": timeout_s, "connection_timeout": timeout_s} if protocol == "http" else {}
         self.client = self.module.InferenceServerClient(url, **kwargs)
-        # Every gRPC call carries a deadline (HTTP's is the connection's network_timeout above).
+        # Every gRPC call carries a deadline (HTTP's are the connection's timeouts above).
         self._deadline = {"client_timeout": timeout_s} if protocol == "grpc" else {}
         self._metadata: dict[str, dict] = {}
 
     def _unavailable(self, what: str) -> EncoderUnavailable:
+        short = f"{what} at {self.protocol}://{self.url}"
         return EncoderUnavailable(
-            f"{what} at {self.protocol}://{self.url}. Start the server with "
-            "`python -m export.serve --model-repository model_repository` (or `make demo`), "
-            "or pass --triton-url / --protocol to reach yours.")
+            f"{short}. Start the server with `python -m export.serve --model-repository model_repository` (or "
+            "`make demo`), or pass --triton-url / --protocol to reach yours.", short)
 
     def served(self, model: str) -> str:
         """The served name of a core.specs model name in this encoder's model set."""
@@ -103,14 +135,14 @@ class TritonEncoder:
         try:
             live = self.client.is_server_live(**self._deadline)
         except Exception as exc:
-            raise self._unavailable(f"Triton is unreachable ({type(exc).__name__})") from None
+            raise self._unavailable(f"Triton did not answer ({_reason(exc)})") from None
         if not live:
             raise self._unavailable("Triton is not live")
         for model in map(self.served, models):
             try:
                 ready = self.client.is_model_ready(model, **self._deadline)
             except Exception as exc:
-                raise self._unavailable(f"Triton did not answer for model {model!r} ({type(exc).__name__})") from None
+                raise self._unavailable(f"Triton did not answer for model {model!r} ({_reason(exc)})") from None
             if not ready:
                 raise self._unavailable(f"model {model!r} is not ready")
 
@@ -121,7 +153,7 @@ class TritonEncoder:
                 extra = {"as_json": True, **self._deadline} if self.protocol == "grpc" else {}
                 meta = self.client.get_model_metadata(model, **extra)
             except Exception as exc:
-                raise self._unavailable(f"no metadata for model {model!r} ({exc})") from None
+                raise self._unavailable(f"no metadata for model {model!r} ({_reason(exc)})") from None
             self._metadata[model] = meta
         return self._metadata[model]
 
@@ -141,7 +173,8 @@ class TritonEncoder:
                 config = self.client.get_model_config(self.served(QUERY_ENCODER), **(
                     {"as_json": True, **self._deadline} if self.protocol == "grpc" else {}))
             except Exception as exc:
-                raise self._unavailable(f"no config for model {self.served(QUERY_ENCODER)!r} ({exc})") from None
+                model = self.served(QUERY_ENCODER)
+                raise self._unavailable(f"no config for model {model!r} ({_reason(exc)})") from None
             config = config.get("config", config)  # gRPC wraps it, HTTP does not
             value = config.get("parameters", {}).get(FINGERPRINT_PARAMETER, {}).get("string_value", "")
             self._metadata["fingerprint"] = value or "unknown"  # a repository exported before fingerprints
@@ -165,12 +198,26 @@ class TritonEncoder:
         for resend in range(RESENDS + 1):
             try:
                 return self._infer_once(model, tensors, outputs)
-            except _Miscounted as exc:
+            except _Corrupted as exc:
+                if resend == RESENDS and "bad image" in str(exc):  # every time: Triton's own decoder disagrees
+                    raise EncodingError(str(exc)) from None
                 if resend == RESENDS:
-                    raise EncoderFault(f"Triton's {model} kept miscounting a well-formed request's strings "
-                                       f"({exc}): restart Triton") from None
-                logger.warning("Triton's %s miscounted a well-formed request (%s): sending it again", model, exc)
-                time.sleep(0.05 * (resend + 1))
+                    raise EncoderFault(f"Triton's {model} kept answering a well-formed request as if it held other "
+                                       f"bytes ({exc}): restart Triton") from None
+                with _resends_lock:
+                    _resends[0] += 1
+                logger.warning("Triton's %s corrupted a well-formed request (%s): sending it again", model, exc)
+
+    def _affected(self) -> bool:
+        """Whether the server is a version with the corruption CORRUPTED describes (asked once)."""
+        if "version" not in self._metadata:
+            try:
+                meta = self.client.get_server_metadata(**({"as_json": True, **self._deadline}
+                                                          if self.protocol == "grpc" else {}))
+            except Exception as exc:
+                raise self._unavailable(f"Triton did not answer ({_reason(exc)})") from None
+            self._metadata["version"] = str(meta.get("version", ""))
+        return self._metadata["version"].startswith(AFFECTED_VERSIONS)
 
     def _infer_once(self, model: str, tensors: list, outputs: list) -> np.ndarray:
         try:
@@ -178,19 +225,47 @@ class TritonEncoder:
         except self.module.InferenceServerException as exc:
             message = exc.message() if callable(getattr(exc, "message", None)) else str(exc)
             status = str(exc.status() or "")
-            if status in INVALID_INPUT_STATUS[self.protocol] and MISCOUNTED_STRINGS in message:
-                raise _Miscounted(message) from None
             if status in INVALID_INPUT_STATUS[self.protocol]:
+                # Every photo sent was decoded first: a refusal of the bytes is the affected server's corruption.
+                if any(s in message for s in CORRUPTED) and self._affected():
+                    raise _Corrupted(message) from None
                 raise EncodingError(message) from None
             if any(s in status for s in ("UNAVAILABLE", "DEADLINE", "503")) or "connect" in message.lower():
-                raise self._unavailable(f"Triton failed ({message})") from None
+                raise self._unavailable(f"Triton did not answer ({_reason(exc)})") from None
             raise EncoderFault(
                 f"Triton's {model} failed on the server ({status or 'no status'}: {message}). This is not the "
                 "input's fault: read the Triton log (runs/triton.log with `python -m export.serve`), fix or "
                 "re-export the model repository, restart Triton and run again.") from None
         except Exception as exc:  # connection refused, reset, timeout
-            raise self._unavailable(f"Triton request failed ({type(exc).__name__}: {exc})") from None
+            raise self._unavailable(f"Triton request failed ({_reason(exc)})") from None
         return result.as_numpy(OUTPUT)
+
+    def _image_limits(self, preprocess: str) -> tuple[int, int]:
+        """(max pixels, max bytes) of a photo, as the served preprocess model's config sets them."""
+        key = f"limits:{preprocess}"
+        if key not in self._metadata:
+            try:
+                config = self.client.get_model_config(self.served(preprocess), **(
+                    {"as_json": True, **self._deadline} if self.protocol == "grpc" else {}))
+            except Exception as exc:
+                raise self._unavailable(f"no config for model {self.served(preprocess)!r} ({_reason(exc)})") from None
+            params = config.get("config", config).get("parameters", {})
+            try:
+                self._metadata[key] = (int(params["max_pixels"]["string_value"]),
+                                       int(params["max_bytes"]["string_value"]))
+            except (KeyError, TypeError, ValueError):  # an older repository: Triton checks with its own limits
+                self._metadata[key] = (DEFAULT_MAX_PIXELS, 0)
+        return self._metadata[key]
+
+    def check_image(self, data: bytes, preprocess: str = IMAGE_PREPROCESS) -> None:
+        """Refuse (EncodingError) a photo the served model would refuse, before it reaches Triton."""
+        max_pixels, max_bytes = self._image_limits(preprocess)
+        if max_bytes and len(data) > max_bytes:
+            raise EncodingError(f"bad image: image of {len(data):,} bytes exceeds the limit of {max_bytes:,}")
+        try:
+            decode_image(data, max_pixels)
+        except ImageError as exc:
+            raise EncodingError(f"bad image: {exc}") from None
 
     def close(self) -> None:
         try:
@@ -205,10 +280,14 @@ class TritonEncoder:
 
     def embed_products(self, titles: Sequence[str], descriptions: Sequence[str],
                        images: Sequence[bytes | None] | None = None) -> np.ndarray:
-        """Product embeddings; an image of None or b"" is a product without a photo."""
+        """Product embeddings; an image of None or b"" is a product without a photo. A photo the model would
+        refuse raises EncodingError before anything is sent."""
         inputs = {TITLE: list(titles), DESCRIPTION: list(descriptions)}
         if self.multimodal:
             inputs[IMAGE] = [img or b"" for img in (images if images is not None else [None] * len(titles))]
+            for img in inputs[IMAGE]:
+                if img:
+                    self.check_image(img)
         return self.infer(PRODUCT_ENCODER, inputs)
 
     def embed_images(self, images: Sequence[bytes]) -> np.ndarray:
@@ -216,4 +295,6 @@ class TritonEncoder:
             raise EncodingError("the served model is text-only: it has no image encoder")
         if any(not img for img in images):
             raise EncodingError("empty image")
+        for img in images:
+            self.check_image(img, QUERY_IMAGE_PREPROCESS)
         return self.infer(IMAGE_ENCODER, {IMAGE: list(images)})

@@ -25,7 +25,7 @@ from tqdm import tqdm  # noqa: E402
 
 from client import serving, store  # noqa: E402
 from client.capabilities import lexical_missing  # noqa: E402
-from client.connection import add_connection_args  # noqa: E402
+from client.connection import add_connection_args, connect  # noqa: E402
 from client.encoder import EncoderUnavailable, EncodingError, TritonEncoder  # noqa: E402
 from client.fusion import MODES, combine  # noqa: E402
 from core.catalog import DEFAULT_CATALOG, CatalogError, ColumnMap, ImageFetcher, read_catalog  # noqa: E402
@@ -108,7 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="how text queries search (image queries are always dense), as client/search.py --mode")
     p.add_argument("--json", dest="json_out", type=Path, help="also write the metrics to this JSON file")
     ColumnMap.add_arguments(p)
-    add_connection_args(p)
+    add_connection_args(p, batch=True)
     return p.parse_args(argv)
 
 
@@ -116,14 +116,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     args = parse_args(argv)
     try:
-        client = store.connect(args.milvus_uri, args.token, args.user, args.password)
+        client = connect(args)
         record = serving.collection_record(client, args.collection)  # the collection the name serves now
-        encoder = TritonEncoder(args.triton_url, args.protocol, tag=record.tag)
+        encoder = TritonEncoder(args.triton_url, args.protocol, args.batch_timeout, tag=record.tag)
         encoder.check_ready([QUERY_ENCODER])
         result = evaluate_served(encoder, client, args.queries, args.catalog, ColumnMap.from_args(args),
                                  record.collection, args.batch_size, args.mode)
     except (EncoderUnavailable, EncodingError, store.StoreError, CatalogError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except store.errors() as exc:
+        print(f"error: {store.failure(exc, args.milvus_uri)}", file=sys.stderr)
         return 2
     print(format_table({f"served ({result['products']} products, {result['mode']})": result}))
     if args.json_out:

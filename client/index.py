@@ -24,11 +24,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: python client/index.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pymilvus.exceptions import MilvusException
 from tqdm import tqdm
 
 from client import serving, store, sync
-from client.connection import add_connection_args
+from client.connection import add_connection_args, connect
+from client.deadlines import BATCH_TIMEOUT_S
 from client.encoder import EncoderUnavailable, EncodingError, TritonEncoder
 from core.catalog import DEFAULT_CATALOG, CatalogError, ColumnMap, ImageFetcher, has_image_ref, read_catalog
 from core.specs import PRODUCT_ENCODER
@@ -73,13 +73,16 @@ def text_length(title: object, description: object) -> int:
     return len(str(title or "")) + len(str(description or ""))
 
 
+WRITE_EVERY = 512  # embedded rows buffered per Milvus upsert (--write-every)
+
+
 class Indexer:
     def __init__(self, triton_url: str, protocol: str, client, collection: str, batch_size: int = 16,
-                 concurrency: int = 4, retries: int = 3, backoff_s: float = 1.0, timeout_s: float = 60.0,
-                 write_every: int = 512, milvus_timeout_s: int = store.WRITE_TIMEOUT_S, tag: str = ""):
+                 concurrency: int = 4, retries: int = 3, backoff_s: float = 1.0,
+                 timeout_s: float = BATCH_TIMEOUT_S, write_every: int = WRITE_EVERY, tag: str = ""):
+        # `client`'s own deadlines bound every Milvus call (client/deadlines.py); `timeout_s` bounds a Triton batch.
         self.triton_url, self.protocol, self.timeout_s = triton_url, protocol, timeout_s
         self.tag = tag  # the Triton model set that embeds (an upgrade indexes with the new one)
-        self.milvus_timeout_s = milvus_timeout_s
         self.write_every = write_every  # embedded rows buffered per Milvus upsert: what a crash can cost
         self.client, self.collection = client, collection
         self.batch_size, self.concurrency = batch_size, concurrency
@@ -254,13 +257,13 @@ class Indexer:
                             logger.info("embedded %d of %d products (%.0f/s)", processed, len(rows),
                                         processed / max(1e-9, time.monotonic() - started))
                     if len(buffer) >= self.write_every:
-                        report.indexed += store.upsert(self.client, buffer, self.collection, self.milvus_timeout_s)
+                        report.indexed += store.upsert(self.client, buffer, self.collection)
                         buffer = []
             finally:
                 for future in pending:
                     future.cancel()
                 # What was embedded is kept: a re-run resumes after it.
-                report.indexed += store.upsert(self.client, buffer, self.collection, self.milvus_timeout_s)
+                report.indexed += store.upsert(self.client, buffer, self.collection)
                 bar.close()
 
 
@@ -269,7 +272,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--catalog", default=DEFAULT_CATALOG, help="catalog file: .parquet, .csv or .jsonl")
     p.add_argument("--limit", type=int, default=None, help="index only the first N catalog rows")
-    add_connection_args(p)
+    add_connection_args(p, batch=True)
     p.add_argument("--index-type", choices=list(store.INDEX_PARAMS), default=None,
                    help="vector index of a new collection (default: HNSW on a Milvus server, AUTOINDEX on Lite, "
                         "which has only AUTOINDEX, FLAT and IVF_FLAT)")
@@ -279,6 +282,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16, help="products per Triton request")
     p.add_argument("--concurrency", type=int, default=4, help="Triton requests in flight")
     p.add_argument("--retries", type=int, default=3, help="retries (with exponential backoff) when Triton is down")
+    p.add_argument("--write-every", type=int, default=WRITE_EVERY,
+                   help="embedded products buffered per Milvus write: what a crash can cost to re-embed")
     p.add_argument("--reindex", action="store_true",
                    help="embed every product again, changed or not (upsert replaces them; nothing is deleted)")
     p.add_argument("--max-delete-fraction", type=float, default=DEFAULT_MAX_DELETE_FRACTION,
@@ -293,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
     try:
-        client = store.connect(args.milvus_uri, args.token, args.user, args.password)
+        client = connect(args)
         routed = serving.route(client, args.collection)
         if args.recreate and routed is not None:
             print(f"error: {args.collection} is a serving name routed to {routed.target}: --recreate would take "
@@ -308,12 +313,17 @@ def main(argv: list[str] | None = None) -> int:
             record = serving.collection_record(client, collection)
             collection, tag = record.collection, record.tag
         indexer = Indexer(args.triton_url, args.protocol, client, collection, args.batch_size,
-                          args.concurrency, args.retries, tag=tag)
+                          args.concurrency, args.retries, timeout_s=args.batch_timeout,
+                          write_every=args.write_every, tag=tag)
         report = indexer.run(args.catalog, ColumnMap.from_args(args), args.limit, args.reindex, args.index_type,
                              args.metric, args.max_delete_fraction)
-    except (EncoderUnavailable, store.StoreError, CatalogError, MilvusException) as exc:
-        what = f"Milvus at {args.milvus_uri} failed: " if isinstance(exc, MilvusException) else ""
-        print(f"error: {what}{exc}", file=sys.stderr)
+        held = store.count(client, collection)
+    except store.errors() as exc:
+        print(f"error: {store.failure(exc, args.milvus_uri)}", file=sys.stderr)
+        print("nothing indexed so far is lost: run the same command again to resume", file=sys.stderr)
+        return 2
+    except (EncoderUnavailable, store.StoreError, CatalogError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
         print("nothing indexed so far is lost: run the same command again to resume", file=sys.stderr)
         return 2
     logger.info("%s", report.summary())
@@ -321,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("text-only: product %s (%s)", pid, why)
     for pid, why in report.failed[:5]:
         logger.warning("failed: product %s (%s)", pid, why)
-    logger.info("collection %s now holds %d products", collection, store.count(client, collection))
+    logger.info("collection %s now holds %d products", collection, held)
     return 1 if report.failed else 0
 
 

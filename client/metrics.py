@@ -9,18 +9,31 @@ from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: N811
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+
+from client.encoder import resends
 
 STAGES = ("embed", "search", "total")
-ERROR_CLASSES = ("bad_input", "triton", "milvus")
+ERROR_CLASSES = ("bad_input", "triton", "milvus", "internal")
 # Seconds: a search here is ~5-25 ms on the CPU flavour; seconds-long ones are outages.
 BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
 
 
+class _Resends:
+    """Requests sent again because an affected Triton corrupted them (client/encoder.py CORRUPTED): the
+    process-wide count, read at each scrape."""
+
+    def collect(self):
+        yield CounterMetricFamily("mmsearch_triton_resends", "Requests sent again because Triton 2.51 answered "
+                                  "them as if they held other bytes", value=resends())
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.registry.register(_Resends())
         self.latency = Histogram("mmsearch_stage_seconds", "Search latency by stage and query kind",
                                  ["stage", "kind"], buckets=BUCKETS, registry=self.registry)
         self.errors = Counter("mmsearch_errors_total", "Failed requests by whose fault",

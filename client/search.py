@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as a script: python client/search.py
 
 from client import serving, store
 from client.capabilities import lexical_missing
-from client.connection import add_connection_args
+from client.connection import add_connection_args, connect
 from client.encoder import EncoderUnavailable, EncodingError, TritonEncoder
 from client.filters import FILTERS, filter_expression
 from client.fusion import MODES, combine, facet_counts
@@ -158,11 +158,10 @@ class Searcher:
         elif mode != "lexical":
             vector = encoder.embed_queries([text])[0]
         embedded = time.perf_counter()
-        timeout = encoder.timeout_s
         dense = ([] if vector is None else
-                 store.search(self.client, [vector], depth, collection, expression, target.index, timeout)[0])
+                 store.search(self.client, [vector], depth, collection, expression, target.index)[0])
         lexical = ([] if mode == "dense" else
-                   store.lexical_search(self.client, [text], depth, collection, expression, timeout)[0])
+                   store.lexical_search(self.client, [text], depth, collection, expression)[0])
         hits = combine(mode, dense, lexical, target.index[1])
         done = time.perf_counter()
         return SearchResult(text or "<image>", hits[:k], (embedded - started) * 1e3, (done - embedded) * 1e3,
@@ -223,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         image = args.image.read_bytes() if args.image else None
-        encoder = TritonEncoder(args.triton_url, args.protocol)
-        client = store.connect(args.milvus_uri, args.token, args.user, args.password)
+        encoder = TritonEncoder(args.triton_url, args.protocol, args.timeout)
+        client = connect(args)
         searcher = Searcher(encoder, client, args.collection)
         result = searcher.search(args.query, image, args.top_k, build_filter(args), args.mode)
     except FileNotFoundError as exc:
@@ -232,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (EncoderUnavailable, EncodingError, store.StoreError, ValueError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except store.errors() as exc:  # a deadline, an unreachable server, a filter Milvus refused
+        print(f"error: {store.failure(exc, args.milvus_uri, args.timeout)}", file=sys.stderr)
         return 2
     if result.notice:
         print(f"note: {result.notice}", file=sys.stderr)

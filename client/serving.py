@@ -16,7 +16,6 @@ import logging
 import re
 from dataclasses import dataclass
 
-from client.capabilities import TIMEOUT_S
 from client.store import MODEL_KEY, PREVIOUS_KEY, TAG_KEY, StoreError, description
 
 logger = logging.getLogger(__name__)
@@ -36,10 +35,9 @@ class Route:
 
 def route(client, name: str) -> Route | None:
     """The route of serving name `name` (None: it has none)."""
-    if not client.has_collection(ROUTES, timeout=TIMEOUT_S):
+    if not client.has_collection(ROUTES):
         return None
-    rows = client.get(ROUTES, ids=[name], output_fields=[ROUTE_TARGET, ROUTE_PREVIOUS], consistency_level="Strong",
-                      timeout=TIMEOUT_S)
+    rows = client.get(ROUTES, ids=[name], output_fields=[ROUTE_TARGET, ROUTE_PREVIOUS], consistency_level="Strong")
     if not rows:
         return None
     return Route(name, rows[0][ROUTE_TARGET], rows[0][ROUTE_PREVIOUS] or None)
@@ -50,9 +48,9 @@ def resolve(client, name: str) -> str | None:
     found = route(client, name)
     if found is not None:
         return found.target
-    if not client.has_collection(name, timeout=TIMEOUT_S):
+    if not client.has_collection(name):
         return None
-    return client.describe_collection(name, timeout=TIMEOUT_S).get("collection_name") or name  # an old alias
+    return client.describe_collection(name).get("collection_name") or name  # an old alias
 
 
 @dataclass(frozen=True)
@@ -70,7 +68,7 @@ def collection_record(client, name: str) -> CollectionRecord:
     """The record of what `name` serves; raises StoreError when nothing does."""
     found = route(client, name)
     collection = found.target if found is not None else name
-    if not client.has_collection(collection, timeout=TIMEOUT_S):
+    if not client.has_collection(collection):
         raise StoreError(f"no collection {name!r}: index a catalog first (python client/index.py --catalog PATH)")
     collection, record = description(client, collection)  # follows an old alias to its collection
     previous = found.previous if found is not None else record.get(PREVIOUS_KEY)
@@ -83,7 +81,7 @@ def versioned_name(name: str, fingerprint: str) -> str:
 
 
 def _ensure_routes(client) -> None:
-    if client.has_collection(ROUTES, timeout=TIMEOUT_S):
+    if client.has_collection(ROUTES):
         return
     from pymilvus import DataType
 
@@ -95,18 +93,18 @@ def _ensure_routes(client) -> None:
     schema.add_field(_ROUTE_VECTOR, DataType.FLOAT_VECTOR, dim=2)
     index = client.prepare_index_params()
     index.add_index(_ROUTE_VECTOR, index_type="FLAT", metric_type="L2")
-    client.create_collection(ROUTES, schema=schema, index_params=index, timeout=TIMEOUT_S)
+    client.create_collection(ROUTES, schema=schema, index_params=index)
 
 
 def switch(client, name: str, target: str) -> str | None:
     """Point serving name `name` at collection `target` (one row upsert: atomic for searchers);
     returns the collection it served before (None: nothing)."""
-    if not client.has_collection(target, timeout=TIMEOUT_S):
+    if not client.has_collection(target):
         raise StoreError(f"cannot serve {name!r} from {target!r}: no such collection")
     before = resolve(client, name)
     _ensure_routes(client)
     client.upsert(ROUTES, [{ROUTE_NAME: name, ROUTE_TARGET: target, ROUTE_PREVIOUS: before or "",
-                            _ROUTE_VECTOR: [0.0, 0.0]}], timeout=TIMEOUT_S)
+                            _ROUTE_VECTOR: [0.0, 0.0]}])
     logger.info("%s now serves %s (before: %s)", name, target, before)
     return before
 
@@ -114,7 +112,7 @@ def switch(client, name: str, target: str) -> str | None:
 def rollback(client, name: str) -> str:
     """Serve what `name` served before the last switch again; returns that collection."""
     record = collection_record(client, name)
-    if not record.previous or not client.has_collection(record.previous, timeout=TIMEOUT_S):
+    if not record.previous or not client.has_collection(record.previous):
         raise StoreError(f"{name} serves {record.collection}, which records no previous collection to go back to")
     switch(client, name, record.previous)
     return record.previous

@@ -12,12 +12,12 @@ import logging
 import math
 import os
 import re
-import uuid
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from client.capabilities import TIMEOUT_S, capabilities
+from client.capabilities import capabilities
+from client.deadlines import BATCH_TIMEOUT_S, SEARCH_TIMEOUT_S, DeadlineClient
 from core.preprocess import product_text
 
 logger = logging.getLogger(__name__)
@@ -52,9 +52,6 @@ EMBED_DIGEST = "embed_digest"  # over the model's input: title, description, ima
 ROW_DIGEST = "row_digest"  # over every stored field
 DIGEST_LENGTH = 32  # hex characters
 INDEX_PARAMS = {"AUTOINDEX": {}, "FLAT": {}, "IVF_FLAT": {"nlist": 256}, "HNSW": {"M": 16, "efConstruction": 200}}
-# pymilvus retries a failed call 75 times unless given a timeout (whole seconds: an int, or it is ignored):
-# a dead server would hold a write for minutes.
-WRITE_TIMEOUT_S = 60
 SEARCH_PARAMS = {"AUTOINDEX": {}, "FLAT": {}, "IVF_FLAT": {"nprobe": 32}, "HNSW": {"ef": 64}}
 
 
@@ -68,7 +65,11 @@ def search_params(index_type: str, k: int) -> dict:
 
 
 class StoreError(RuntimeError):
-    """The collection is missing, of another dimension, or Milvus is unreachable."""
+    """The collection is missing, of another dimension, or Milvus is unreachable (`unavailable`)."""
+
+    def __init__(self, message: str, unavailable: bool = False):
+        super().__init__(message)
+        self.unavailable = unavailable
 
 
 @dataclass
@@ -79,8 +80,11 @@ class Hit:
 
 
 def connect(uri: str = DEFAULT_URI, token: str | None = None, user: str | None = None,
-            password: str | None = None, timeout_s: float = 10.0):
-    """A MilvusClient. Credentials come from arguments or MILVUS_TOKEN / MILVUS_USER / MILVUS_PASSWORD."""
+            password: str | None = None, timeout_s: float = SEARCH_TIMEOUT_S,
+            batch_timeout_s: float = BATCH_TIMEOUT_S) -> DeadlineClient:
+    """A MilvusClient whose every call has a deadline: `timeout_s` for reads and searches, `batch_timeout_s`
+    for writes, loads and collection changes (client/deadlines.py). Credentials come from arguments or
+    MILVUS_TOKEN / MILVUS_USER / MILVUS_PASSWORD."""
     with warnings.catch_warnings():
         # milvus_lite 2.5 imports pkg_resources, whose deprecation notice every command would print.
         warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
@@ -96,13 +100,63 @@ def connect(uri: str = DEFAULT_URI, token: str | None = None, user: str | None =
     if is_lite(uri):
         os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
     try:
-        # Its own connection alias: pymilvus otherwise shares one per URI, and closing any client
-        # would close the connection under every other client of that URI in the process.
-        return MilvusClient(uri=uri, token=token, user=user, password=password, timeout=timeout_s,
-                            alias=f"mmsearch-{uuid.uuid4().hex}")
-    except Exception as exc:  # never echo the credentials
-        raise StoreError(f"cannot connect to Milvus at {uri}: {type(exc).__name__}: "
-                         f"{str(exc).replace(password, '***') if password else exc}") from None
+        # Its own connection (gRPC channel): pymilvus otherwise shares one per address in the process, which
+        # a failure puts into reconnection for every client at once, and a client made to replace a broken
+        # one (the page after an outage) would inherit the broken channel.
+        client = MilvusClient(uri=uri, token=token, user=user, password=password, timeout=timeout_s,
+                              dedicated=True)
+        # pymilvus repairs a connection that failed in place, under a process-wide lock held while it waits
+        # for the server, then retries with a backoff that overshoots the deadline: requests in flight when
+        # Milvus died queued behind one another's repairs. Here an unreachable server fails the call at
+        # once, and the caller replaces the client (the page) or the command stops and resumes.
+        handler = getattr(client, "_handler", None)
+        if handler is not None and hasattr(handler, "_on_rpc_error"):
+            handler._on_rpc_error = _fail_unreachable
+    except Exception as exc:
+        message = failure(exc, uri, timeout_s)
+        raise StoreError(message.replace(password, "***") if password else message,  # never echo it
+                         unavailable(message)) from None
+    return DeadlineClient(client, timeout_s, batch_timeout_s)
+
+
+def errors() -> tuple[type[BaseException], ...]:
+    """What a Milvus call raises when it fails (pymilvus's own, or gRPC's for a deadline): for except clauses."""
+    import grpc
+    from pymilvus.exceptions import MilvusException
+
+    return MilvusException, grpc.RpcError
+
+
+def _fail_unreachable(error: BaseException) -> bool:
+    """pymilvus's hook for a failed call (its retry loop calls it): raise an unreachable server's error now."""
+    import grpc
+
+    if isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.UNAVAILABLE:
+        raise error
+    return False  # anything else: pymilvus's own rules (a rate limit is retried within the deadline)
+
+
+def failure(exc: BaseException, uri: str, timeout_s: float | None = None) -> str:
+    """One sentence for a Milvus call that failed: what is wrong, never a Python object's repr."""
+    import grpc
+
+    code = exc.code() if isinstance(exc, grpc.RpcError) else getattr(exc, "code", None)
+    message = exc.details() if isinstance(exc, grpc.RpcError) else getattr(exc, "message", None) or str(exc)
+    text = f"{code} {message}".lower()
+    if code in (grpc.StatusCode.UNAVAILABLE, 2) or any(
+            s in text for s in ("fail connecting", "unavailable", "closed channel", "connection refused")):
+        return f"Milvus at {uri} {UNREACHABLE} (start it, or pass --milvus-uri to reach yours)"
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED or "deadline" in text or "timeout" in text:
+        return f"Milvus at {uri} {SILENT} " + (f"within {timeout_s:g} s" if timeout_s else "in time")
+    return f"Milvus at {uri} failed: {re.sub(r'<[^<>]* at 0x[0-9a-f]+>', 'a request', str(message))}"
+
+
+UNREACHABLE, SILENT = "is unreachable", "did not answer"  # what failure() says of a Milvus that is down
+
+
+def unavailable(message: str) -> bool:
+    """Whether a failure() sentence says Milvus is down, rather than that it refused one call."""
+    return UNREACHABLE in message or SILENT in message
 
 
 def collection_dim(client, collection: str = COLLECTION) -> int | None:
@@ -162,7 +216,7 @@ def ensure_collection(client, dim: int, collection: str = COLLECTION, index_type
     index.add_index(VECTOR, index_type=index_type, metric_type=metric, params=INDEX_PARAMS[index_type])
     if caps.bm25:
         index.add_index(SPARSE, index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
-    client.create_collection(collection, schema=schema, index_params=index, timeout=WRITE_TIMEOUT_S)
+    client.create_collection(collection, schema=schema, index_params=index)
     logger.info("created collection %s (%d-d, %s, %s%s)", collection, dim, index_type, metric,
                 ", BM25" if caps.bm25 else "")
 
@@ -175,7 +229,7 @@ def is_lite(uri: str) -> bool:
 def description(client, collection: str) -> tuple[str, dict]:
     """(the collection's own name, the record in its description: model, tag, previous). An alias
     made by an older release is followed to its collection."""
-    info = client.describe_collection(collection, timeout=TIMEOUT_S)
+    info = client.describe_collection(collection)
     try:
         record = json.loads(info.get("description") or "{}")
     except ValueError:
@@ -262,11 +316,11 @@ def make_row(product: Mapping, vector: Sequence[float], lexical: bool = True,
     return row
 
 
-def upsert(client, rows: list[dict], collection: str = COLLECTION, timeout_s: int = WRITE_TIMEOUT_S) -> int:
+def upsert(client, rows: list[dict], collection: str = COLLECTION) -> int:
     """Insert or replace rows by product id: re-indexing never duplicates."""
     if not rows:
         return 0
-    return int(client.upsert(collection, rows, timeout=timeout_s)["upsert_count"])
+    return int(client.upsert(collection, rows)["upsert_count"])
 
 
 def existing_ids(client, ids: Iterable[str], collection: str = COLLECTION, chunk: int = 1000) -> set[str]:
@@ -303,12 +357,11 @@ def read_vectors(client, ids: Sequence[str], collection: str = COLLECTION, chunk
     return vectors
 
 
-def delete(client, ids: Sequence[str], collection: str = COLLECTION, chunk: int = 1000,
-           timeout_s: int = WRITE_TIMEOUT_S) -> int:
+def delete(client, ids: Sequence[str], collection: str = COLLECTION, chunk: int = 1000) -> int:
     deleted = 0
     for start in range(0, len(ids), chunk):
         part = list(ids[start:start + chunk])
-        client.delete(collection, ids=part, timeout=timeout_s)
+        client.delete(collection, ids=part)
         deleted += len(part)
     return deleted
 
@@ -324,8 +377,7 @@ def _hits(results) -> list[list[Hit]]:
 
 
 def search(client, vectors: Sequence[Sequence[float]], k: int = 10, collection: str = COLLECTION,
-           expression: str = "", index: tuple[str, str] | None = None,
-           timeout_s: float | None = None) -> list[list[Hit]]:
+           expression: str = "", index: tuple[str, str] | None = None) -> list[list[Hit]]:
     """Top-k products per query vector, best first, with their scalar fields.
 
     `index` (index type, metric) defaults to the collection's own (one describe call; pass
@@ -334,13 +386,12 @@ def search(client, vectors: Sequence[Sequence[float]], k: int = 10, collection: 
     index_type, metric = index or collection_index(client, collection)
     params = {"metric_type": metric, "params": search_params(index_type, k)}
     results = client.search(collection, data=[list(map(float, v)) for v in vectors], anns_field=VECTOR,
-                            limit=k, search_params=params, filter=expression, output_fields=OUTPUT_FIELDS,
-                            timeout=timeout_s)
+                            limit=k, search_params=params, filter=expression, output_fields=OUTPUT_FIELDS)
     return _hits(results)
 
 
 def lexical_search(client, texts: Sequence[str], k: int = 10, collection: str = COLLECTION,
-                   expression: str = "", timeout_s: float | None = None) -> list[list[Hit]]:
+                   expression: str = "") -> list[list[Hit]]:
     """Top-k products per query text by BM25 over the product text, best first (score = BM25).
 
     The text is data, never expression syntax. A text with no searchable token (only punctuation,
@@ -348,5 +399,5 @@ def lexical_search(client, texts: Sequence[str], k: int = 10, collection: str = 
     """
     results = client.search(collection, data=[t[:TEXT_MAX_LENGTH] for t in texts], anns_field=SPARSE, limit=k,
                             search_params={"metric_type": "BM25"}, filter=expression,
-                            output_fields=OUTPUT_FIELDS, timeout=timeout_s)
+                            output_fields=OUTPUT_FIELDS)
     return _hits(results)

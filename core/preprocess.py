@@ -38,6 +38,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         raise ImageError("empty image")
     try:
         image = Image.open(io.BytesIO(data))  # lazy: reads the header only
+    except Image.UnidentifiedImageError:  # its message names a BytesIO object, not the problem
+        raise ImageError("not a decodable image: not JPEG, PNG, WebP or another format Pillow reads") from None
     except Exception as exc:
         raise ImageError(f"not a decodable image ({type(exc).__name__}: {exc})") from None
     width, height = image.size

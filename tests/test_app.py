@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from pymilvus.exceptions import MilvusException
 
 from client.app import ApiError, Backend, CatalogImages, create_app
 from core.catalog import read_catalog
@@ -84,13 +85,43 @@ def test_api_errors_are_clear_json(api, products):
     assert api.get("/api/health").json() == {"triton": "ok", "milvus": "ok"}
 
 
-def test_health_polls_reuse_their_connections(backend, api):
+def test_health_polls_share_the_search_connection(backend, api):
     assert api.get("/api/health").json() == {"triton": "ok", "milvus": "ok"}
-    first = backend._health_encoder, backend._health_milvus
-    for _ in range(3):  # the page polls every 15 s: no new gRPC channel or Milvus client per poll
+    shared = backend._milvus
+    for _ in range(3):  # the page polls every 15 s: no new Milvus client per poll
         assert api.get("/api/health").json() == {"triton": "ok", "milvus": "ok"}
-    assert all(first) and (backend._health_encoder, backend._health_milvus) == first
+    assert shared is not None and backend._milvus is shared and shared.users == 0
     assert api.get("/api/search", params={"q": "shirt", "k": 3}).json()["hits"]  # search unaffected
+    assert backend._milvus is shared
+
+
+def test_a_retired_milvus_client_is_closed_by_its_last_request_never_under_one(triton, milvus_path, indexed):
+    """After a connection-level failure the shared client is replaced for new requests and Milvus is marked
+    down: one request at a time probes it, the others are answered at once. Requests still using the old
+    client finish on it (closing it under them was "Cannot invoke RPC on closed channel"); the last closes it."""
+    from client.store import StoreError
+
+    backend = Backend(triton.grpc_url, "grpc", milvus_path, "products", 5.0, (None, None, None))
+    in_flight = backend._lease()  # a request still searching
+    failing = backend._lease()  # another one, on the same client, fails at the connection level
+    assert failing is in_flight
+    backend._release(failing, False, "Milvus at x is unreachable")
+    assert in_flight.retired and backend._milvus is None and backend._down == "Milvus at x is unreachable"
+    assert backend._admit() is True  # the next request probes
+    with pytest.raises(StoreError, match="Milvus at x is unreachable"):
+        backend._admit()  # and while it does, the others get the last failure at once
+    fresh = backend._lease()
+    assert fresh is not in_flight and backend._milvus is fresh
+    assert in_flight.client.has_collection("products")  # still open under its request
+    backend._release(fresh, True, "")  # the probe reached Milvus: up again
+    assert backend._down is None and backend._admit() is False
+    backend._release(in_flight, False, None)  # its last request done: closed now, on a thread of its own
+    for thread in threading.enumerate():
+        if thread.name == "milvus-close":
+            thread.join(30)
+    with pytest.raises(MilvusException, match="should create connection first"):  # pymilvus: a closed client
+        in_flight.client.has_collection("products")
+    assert fresh.client.has_collection("products") and backend.search("shirt", None, 3, "").hits
 
 
 def test_dependencies_down_answer_fast_with_a_status(milvus_path, catalog_path, tmp_path):
@@ -101,7 +132,7 @@ def test_dependencies_down_answer_fast_with_a_status(milvus_path, catalog_path, 
     client = TestClient(create_app(backend, CatalogImages(None, None)))
     started = time.monotonic()
     response = client.get("/api/search", params={"q": "red kurta"})
-    assert response.status_code == 503 and "Triton is unavailable" in response.json()["error"]
+    assert response.status_code == 503 and response.json()["error"].startswith("Triton did not answer")
     health = client.get("/api/health")
     assert health.status_code == 503
     assert health.json()["triton"].startswith("unhealthy") and "no collection" in health.json()["milvus"]
@@ -164,26 +195,37 @@ def test_a_refused_filter_is_the_callers_fault_and_keeps_the_connections(backend
     assert backend._milvus is milvus  # not reset: nothing was wrong with Milvus
 
 
-def test_requests_during_an_outage_fail_side_by_side_not_in_a_queue(tmp_path):
-    """Triton accepts connections but never answers: every request waits out its own deadline, in parallel."""
+def test_requests_during_an_outage_fail_side_by_side_not_in_a_queue(tmp_path, monkeypatch):
+    """Triton accepts connections but never answers. Six requests at once must all be inside a Triton call at
+    the same time, not queued behind a lock: each waits at a barrier of six as its call starts, which breaks
+    (and fails the request with another message) if the requests were let through one at a time."""
     import socket
     from concurrent.futures import ThreadPoolExecutor
 
     from fastapi.testclient import TestClient
 
+    from client.encoder import TritonEncoder
+
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(16)
+    barrier, real = threading.Barrier(6, timeout=20), TritonEncoder.check_ready
+
+    def check_ready_together(self, *args, **kwargs):
+        barrier.wait()
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(TritonEncoder, "check_ready", check_ready_together)
     try:
         backend = Backend(f"127.0.0.1:{silent.getsockname()[1]}", "grpc", str(tmp_path / "m.db"), "products", 1.0,
                           (None, None, None))
         client = TestClient(create_app(backend, CatalogImages(None, None)))
-        started = time.monotonic()
         with ThreadPoolExecutor(6) as pool:
-            statuses = list(pool.map(lambda _: client.get("/api/search", params={"q": "shirt"}).status_code,
-                                     range(6)))
-        assert statuses == [503] * 6
-        assert time.monotonic() - started < 4.5  # serialised behind one lock it took 6 deadlines or more
+            answers = list(pool.map(lambda _: client.get("/api/search", params={"q": "shirt"}), range(6)))
+        assert [a.status_code for a in answers] == [503] * 6, [a.text for a in answers]
+        assert all(a.json()["error"].startswith("Triton did not answer (no answer within the deadline)")
+                   for a in answers), answers[0].text
+        assert not barrier.broken
     finally:
         silent.close()
 
@@ -215,6 +257,9 @@ def test_metrics_count_stages_errors_and_the_served_model(api):
     assert _sample(text, 'mmsearch_errors_total{error_class="triton"}') == 0
     fingerprint = re.search(r'mmsearch_model_info\{fingerprint="([^"]+)"\} 1\.0', text).group(1)
     assert re.fullmatch(r"[0-9a-f]{12}-(fp32|optimized|int8)", fingerprint)  # weights hash + graph variant
+    from client.encoder import resends
+
+    assert _sample(text, "mmsearch_triton_resends_total") == resends()  # Triton 2.51's corrupted requests
 
 
 def _sample(text: str, name: str) -> float:
