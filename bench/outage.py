@@ -115,7 +115,8 @@ def write(rows: list[dict], out: Path) -> None:
     lines = ["# The page during a Milvus outage, request by request", "",
              "`python bench/outage.py` (see its docstring): the page of each checkout against the local Lite "
              "server, which is hung (SIGSTOP), resumed, killed with kill -9 and restarted. Requests of one phase "
-             "are sent at once.", "",
+             "are sent at once. Every checkout runs with this checkout's installed packages (pymilvus, "
+             "tritonclient), the page's default deadline (5 s), 500 products indexed from the fashion catalog.", "",
              "| checkout | phase | request | status | seconds | answer |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['label']} | {r['phase']} | {r['request']} | {r['status']} | {r['seconds']:.2f} | "
               f"{' '.join(r['answer'].replace('|', '/').split())} |" for r in rows]
