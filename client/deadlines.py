@@ -20,6 +20,7 @@ import math
 
 SEARCH_TIMEOUT_S = 5
 BATCH_TIMEOUT_S = 60
+LITE_START_TIMEOUT_S = 60  # opening a Milvus Lite file starts its engine in the process (not a network call)
 
 # MilvusClient calls that may take long on a big collection: they get the batch deadline.
 SLOW_CALLS = frozenset({"create_collection", "drop_collection", "create_index", "drop_index", "load_collection",

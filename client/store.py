@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from client.capabilities import capabilities
-from client.deadlines import BATCH_TIMEOUT_S, SEARCH_TIMEOUT_S, DeadlineClient
+from client.deadlines import BATCH_TIMEOUT_S, LITE_START_TIMEOUT_S, SEARCH_TIMEOUT_S, DeadlineClient
 from core.preprocess import product_text
 
 logger = logging.getLogger(__name__)
@@ -103,7 +103,9 @@ def connect(uri: str = DEFAULT_URI, token: str | None = None, user: str | None =
         # Its own connection (gRPC channel): pymilvus otherwise shares one per address in the process, which
         # a failure puts into reconnection for every client at once, and a client made to replace a broken
         # one (the page after an outage) would inherit the broken channel.
-        client = MilvusClient(uri=uri, token=token, user=user, password=password, timeout=timeout_s,
+        # Opening a Lite file starts its engine in this process: not a network wait, and slower on a busy machine.
+        connect_s = max(timeout_s, LITE_START_TIMEOUT_S) if is_lite(uri) else timeout_s
+        client = MilvusClient(uri=uri, token=token, user=user, password=password, timeout=connect_s,
                               dedicated=True)
         # pymilvus repairs a connection that failed in place, under a process-wide lock held while it waits
         # for the server, then retries with a backoff that overshoots the deadline: requests in flight when
