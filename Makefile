@@ -31,12 +31,14 @@ test: setup system-deps
 test-fast: setup
 	$(PY) -m pytest -m unit
 
-# Serving benchmarks on what `make demo` built (about 25 minutes here); results in bench/results/.
+# Serving benchmarks on what `make demo` built (about 45 minutes here; bench/service.py also needs the index
+# `make serve` made once, and no served Milvus running: `make stop`); results in bench/results/.
 bench: setup system-deps
 	$(PY) bench/serving.py --checkpoint runs/mm3-concat --model-repository model_repository
 	$(PY) bench/perf.py --model-repository model_repository
 	$(PY) bench/milvus_search.py --milvus-uri runs/milvus.db --model-repository model_repository
 	$(PY) bench/hybrid.py --milvus-uri runs/milvus.db
+	$(PY) bench/service.py
 
 lint: setup
 	.venv/bin/ruff check .

@@ -818,6 +818,10 @@ def write_markdown(path: Path, meta: dict, points: list[dict], stages: list[dict
         lines.append(_latency_row(p, [str(p["users"])]) + f" {_stages(p)} {_f(p['outside_ms'])} | "
                      f"{p['cores_busy']['service']:.2f} + {p['cores_busy']['locust'] or 0:.2f} |")
     lines += ["", "## Open loop (Poisson arrivals at a fixed rate: fractions of the c=16 throughput)", "",
+              "Offered is the nominal rate; each user's schedule is seeded (the same draws at every point), so the "
+              "requests sent differ from rate x time by the Poisson sampling error (about 1/sqrt(n)), the same way "
+              "at every point with as many users. Late arrivals: sent more than 5 ms after their scheduled time "
+              "because their user was still waiting for an answer (the loop closed for them).", "",
               "| backend | mode | offered q/s (x c=16) | users | achieved q/s | p50 ms | p99 ms | p99.9 ms | errors | "
               "text p50 / p99 | photo p50 / p99 | late arrivals | cores busy (service + locust) |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -917,7 +921,8 @@ def plot(path: Path, points: list[dict]) -> None:
 
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     series = dict.fromkeys((p["backend"], p["mode"]) for p in points)
-    for backend, mode in series:
+    for n, (backend, mode) in enumerate(series):
+        color = f"C{n}"  # one colour per series in every panel
         label = f"{backend}, {mode}"
         closed = sorted((p for p in points if p["backend"] == backend and p["mode"] == mode
                          and p.get("loop") == "closed" and not p.get("check")), key=lambda p: p["users"])
@@ -926,12 +931,12 @@ def plot(path: Path, points: list[dict]) -> None:
         style = "-o" if backend == "server" else "--s"
         if closed:
             x = [p["users"] for p in closed]
-            axes[0, 0].plot(x, [p["rps"] or 0 for p in closed], style, label=label)
-            axes[1, 0].plot(x, [p["p99_ms"] or math.nan for p in closed], style, label=label)
+            axes[0, 0].plot(x, [p["rps"] or 0 for p in closed], style, color=color, label=label)
+            axes[1, 0].plot(x, [p["p99_ms"] or math.nan for p in closed], style, color=color, label=label)
         if opened:
             x = [p["rate"] for p in opened]
-            axes[0, 1].plot(x, [p["rps"] or 0 for p in opened], style, label=label)
-            axes[1, 1].plot(x, [p["p99_ms"] or math.nan for p in opened], style, label=label)
+            axes[0, 1].plot(x, [p["rps"] or 0 for p in opened], style, color=color, label=label)
+            axes[1, 1].plot(x, [p["p99_ms"] or math.nan for p in opened], style, color=color, label=label)
     rates = [p["rate"] for p in points if p.get("rate")]
     if rates:
         axes[0, 1].plot([0, max(rates)], [0, max(rates)], ":", color="grey", label="achieved = offered")
