@@ -105,8 +105,20 @@ def connect(uri: str = DEFAULT_URI, token: str | None = None, user: str | None =
         # one (the page after an outage) would inherit the broken channel.
         # Opening a Lite file starts its engine in this process: not a network wait, and slower on a busy machine.
         connect_s = max(timeout_s, LITE_START_TIMEOUT_S) if is_lite(uri) else timeout_s
-        client = MilvusClient(uri=uri, token=token, user=user, password=password, timeout=connect_s,
-                              dedicated=True)
+        try:
+            client = MilvusClient(uri=uri, token=token, user=user, password=password, timeout=connect_s,
+                                  dedicated=True)
+        except Exception as exc:  # noqa: BLE001
+            if not is_lite(uri):
+                raise
+            # A Lite engine that did not come up (seen on a loaded CI machine): start it once more, loudly.
+            logger.warning("opening the Milvus Lite file %s failed (%s): starting its engine again", uri,
+                           failure(exc, uri))
+            from milvus_lite.server_manager import server_manager_instance
+
+            server_manager_instance.release_server(uri)
+            client = MilvusClient(uri=uri, token=token, user=user, password=password, timeout=connect_s,
+                                  dedicated=True)
         # pymilvus repairs a connection that failed in place, under a process-wide lock held while it waits
         # for the server, then retries with a backoff that overshoots the deadline: requests in flight when
         # Milvus died queued behind one another's repairs. Here an unreachable server fails the call at
