@@ -202,8 +202,6 @@ class Backend:
                mode: str = "hybrid") -> SearchResult:
         try:
             return self._using_milvus(lambda shared: self._searcher(shared).search(text, image, k, expression, mode))
-        except ApiError:
-            raise
         except EncodingError as exc:
             raise ApiError(400, str(exc)) from None
         except EncoderUnavailable as exc:
