@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from client import result_columns
 from client.capabilities import capabilities
 from client.deadlines import BATCH_TIMEOUT_S, LITE_START_TIMEOUT_S, SEARCH_TIMEOUT_S, DeadlineClient
 from core.preprocess import product_text
@@ -94,6 +95,7 @@ def connect(uri: str = DEFAULT_URI, token: str | None = None, user: str | None =
             pass
     from pymilvus import MilvusClient
 
+    result_columns.install()  # the page's 100-deep results, decoded a column at a time
     token = token or os.environ.get("MILVUS_TOKEN") or ""
     user = user or os.environ.get("MILVUS_USER") or ""
     password = password or os.environ.get("MILVUS_PASSWORD") or ""
