@@ -39,7 +39,8 @@ QUERY_GRID = [
     {"query_queue_delay_us": 500, "query_intra_op_threads": 1, "query_tower_instances": 2},
     {"query_queue_delay_us": 500, "query_intra_op_threads": 2, "query_tower_instances": 1},
     {"query_queue_delay_us": 500, "query_intra_op_threads": 0, "query_tower_instances": 1, "preprocess_instances": 2},
-    {"query_queue_delay_us": 500, "query_intra_op_threads": 0, "query_tower_instances": 1, "allow_spinning": False},
+    {"query_queue_delay_us": 500, "query_intra_op_threads": 0, "query_tower_instances": 1,
+     "query_allow_spinning": True},
 ]
 PRODUCT_GRID = [
     {"product_queue_delay_us": 2000, "intra_op_threads": 0, "tower_instances": 1},  # the first guess

@@ -85,7 +85,10 @@ class ServingCfg:
     query_tower_instances: int = 1
     query_intra_op_threads: int = 0  # 0 = ONNX Runtime's default (all cores)
     preprocess_instances: int = 1
-    allow_spinning: bool = True  # python flavour: ONNX Runtime worker threads busy-wait between runs
+    allow_spinning: bool = True  # python flavour: product-side ONNX Runtime worker threads busy-wait between runs
+    # ... but not the query tower's: beside the page and Milvus on the same cores, its idle threads' spinning
+    # took the CPU the rest of a search needed (bench/results/service.md); alone it is worth a little.
+    query_allow_spinning: bool = False
     # The query path does not wait: a delay is pure waiting at concurrency 1, and under load requests queue behind
     # the busy instance and are batched anyway (bench/results/tuning.md: 335 vs 284 queries/s at concurrency 8
     # against a 500 us delay). The product path keeps a delay: with delay 0 on every model tritonserver 2.51 crashed
@@ -189,7 +192,8 @@ def _tower(repo: Path, spec: GraphSpec, graph: Path, backend: str, serving: Serv
     if backend == "python":
         files["model.py"] = TRITON_MODELS / "onnx_runner.py"
         inputs, outputs = spec.inputs, list(spec.outputs)
-        params = {"intra_op_threads": threads, "allow_spinning": int(serving.allow_spinning)}
+        spinning = serving.query_allow_spinning if query else serving.allow_spinning
+        params = {"intra_op_threads": threads, "allow_spinning": int(spinning)}
         if front is not None:
             inputs, params, files = front.inputs, {**params, **front.params}, {**files, **front.files}
             if front.text_mask:
