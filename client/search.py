@@ -14,6 +14,7 @@ import json
 import logging
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -74,6 +75,9 @@ class Searcher:
         self.encoder, self.client, self.collection = encoder, client, collection
         encoder.check_ready(())  # Triton first: an outage of both says Triton, as the page's status does
         self._encoders = {encoder.tag: encoder}
+        # A hybrid query's BM25 search, beside its embedding. One thread: a searcher serves one caller at a time
+        # (the page keeps one per worker thread).
+        self._pool: ThreadPoolExecutor | None = None
         self._target: Target | None = None
         self.target()
 
@@ -132,9 +136,16 @@ class Searcher:
         """The model of the collection last resolved (no call to Milvus)."""
         return (self._target.encoder if self._target is not None else self.encoder).fingerprint
 
+    def _lexical_pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="bm25")
+        return self._pool
+
     def close(self) -> None:
         for encoder in self._encoders.values():
             encoder.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
 
     def search(self, text: str | None = None, image: bytes | None = None, k: int = 10,
                expression: str = "", mode: str = "hybrid") -> SearchResult:
@@ -152,16 +163,28 @@ class Searcher:
             notice = lexical_missing(self.client, collection)
             mode = "dense"
         started = time.perf_counter()
+        # BM25 needs no embedding: a hybrid query's lexical search runs beside its embedding and dense search.
+        lexical_search = (self._lexical_pool().submit(store.lexical_search, self.client, [text], depth, collection,
+                                                      expression) if mode == "hybrid" else None)
         vector = None
-        if image is not None:
-            vector = encoder.embed_images([image])[0]
-        elif mode != "lexical":
-            vector = encoder.embed_queries([text])[0]
-        embedded = time.perf_counter()
-        dense = ([] if vector is None else
-                 store.search(self.client, [vector], depth, collection, expression, target.index)[0])
-        lexical = ([] if mode == "dense" else
-                   store.lexical_search(self.client, [text], depth, collection, expression)[0])
+        try:
+            if image is not None:
+                vector = encoder.embed_images([image])[0]
+            elif mode != "lexical":
+                vector = encoder.embed_queries([text])[0]
+            embedded = time.perf_counter()
+            dense = ([] if vector is None else
+                     store.search(self.client, [vector], depth, collection, expression, target.index)[0])
+        except BaseException:
+            # The first failure is the answer (Triton's, when both are down); the BM25 call still ends before
+            # the search does, so no call outlives its caller's use of the client (the page's lease).
+            if lexical_search is not None:
+                wait([lexical_search])
+            raise
+        if mode == "lexical":
+            lexical = store.lexical_search(self.client, [text], depth, collection, expression)[0]
+        else:
+            lexical = [] if lexical_search is None else lexical_search.result()[0]  # within its own deadline
         hits = combine(mode, dense, lexical, target.index[1])
         done = time.perf_counter()
         return SearchResult(text or "<image>", hits[:k], (embedded - started) * 1e3, (done - embedded) * 1e3,
