@@ -83,7 +83,7 @@ LOCUSTFILE = ROOT / "bench" / "locustfile.py"
 RESULTS = ROOT / "bench" / "results"
 DEPTH = FACET_DEPTH  # the page searches this deep (facets over the top 100) whatever k it shows
 KINDS = {"text": "text", "photo": "image"}  # locust request name -> the page's metrics label
-STAGES = ("embed", "search", "total")
+STAGES = ("queue", "embed", "search", "total")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 P999_MIN_REQUESTS = 10_000
 QUICK = {"seconds": 4.0, "stage_seconds": 2.0, "warmup_seconds": 3.0, "concurrency": "1,16",
@@ -206,6 +206,7 @@ class PageServer(ServerProcess):
     timeout_s: float = 5.0
     port: int = 8080
     log_file: Path | None = None
+    max_searches: int | None = None  # None: the page's default
     process: subprocess.Popen | None = None
 
     @property
@@ -222,6 +223,8 @@ class PageServer(ServerProcess):
         args = [sys.executable, "client/app.py", "--triton-url", self.triton_url, "--milvus-uri", self.milvus_uri,
                 "--collection", self.collection, "--catalog", self.catalog, "--port", str(self.port),
                 "--timeout", str(self.timeout_s)]
+        if self.max_searches is not None:
+            args += ["--max-searches", str(self.max_searches)]
         return args, env, ROOT
 
     def ready(self) -> bool:
@@ -674,7 +677,7 @@ def run_backend(backend: str, args: argparse.Namespace, plan: Plan, triton: Trit
             stages = milvus_alone(backend, client, milvus_roles, vectors, workload, sequence, plan.modes,
                                   plan.stage_concurrency, plan.stage_seconds, args.collection)
         page = PageServer(triton.grpc_url, uri, args.catalog, args.collection, args.timeout, free_port(),
-                          workdir / f"page-{backend}.log")
+                          workdir / f"page-{backend}.log", args.max_searches)
         with page:
             roles: dict[str, Role] = {"page": lambda pid, ppid, pgrp: pid == page.process.pid,
                                       "triton": in_group(triton.process.pid)}
@@ -810,7 +813,8 @@ def write_markdown(path: Path, meta: dict, points: list[dict], stages: list[dict
                      f"{b['fingerprint']}")
     lines += ["", "## Closed loop (users with no wait)", "",
               "| backend | mode | c | q/s | p50 ms | p99 ms | p99.9 ms | errors | text p50 / p99 | photo p50 / p99 | "
-              "page: embed / search / total ms (text) | HTTP mean - handler mean ms | cores busy (service + locust) |",
+              "page: queue / embed / search / total ms (text) | "
+              "HTTP mean - handler mean ms | cores busy (service + locust) |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in points:
         if p.get("loop") != "closed":
@@ -910,7 +914,7 @@ def _latency_row(p: dict, cells: list[str]) -> str:
 
 def _stages(p: dict) -> str:
     s = p["stages_ms"].get("text", {})
-    return f"{_f(s.get('embed'))} / {_f(s.get('search'))} / {_f(s.get('total'))} |"
+    return f"{_f(s.get('queue'))} / {_f(s.get('embed'))} / {_f(s.get('search'))} / {_f(s.get('total'))} |"
 
 
 def plot(path: Path, points: list[dict]) -> None:
@@ -1012,6 +1016,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--catalog", default=DEFAULT_CATALOG, help="catalog the photos and the page's images come from")
     p.add_argument("--collection", default=store.COLLECTION, help="serving name the page searches")
     p.add_argument("--timeout", type=float, default=5.0, help="the page's --timeout (its Triton and Milvus deadlines)")
+    p.add_argument("--max-searches", type=int, default=None,
+                   help="the page's --max-searches (searches at once; 0: no limit); default: the page's own")
     p.add_argument("--seed", type=int, default=0, help="seed of the query choice")
     p.add_argument("--workdir", type=Path, default=None,
                    help="scratch: logs, locust CSVs, photos (default: a new temporary directory)")

@@ -9,7 +9,8 @@ API (OpenAPI schema at /docs and /openapi.json):
     GET  /api/health         which dependency is unhealthy, answered within the timeouts
     GET  /images/{id}        the product's photo from the catalog (bytes, path or URL), cacheable
     GET  /metrics            Prometheus: latency per stage, errors by class, the served model's fingerprint
-Errors are JSON {"error": "..."}: 400 bad input, 413 upload too large, 503 Triton or Milvus down.
+Errors are JSON {"error": "..."}: 400 bad input, 413 upload too large, 503 Triton or Milvus down (or the
+page overloaded: searches run --max-searches at a time, and a search that waited --timeout for its turn is refused).
 No torch: tritonclient, pymilvus, fastapi.
 """
 
@@ -19,6 +20,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -37,6 +39,7 @@ from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Resp
 from pymilvus.exceptions import MilvusException  # noqa: E402
 
 from client import serving, store  # noqa: E402
+from client.admission import Overloaded, Slots  # noqa: E402
 from client.connection import add_connection_args  # noqa: E402
 from client.deadlines import whole_seconds  # noqa: E402
 from client.encoder import EncoderUnavailable, EncodingError, TritonEncoder  # noqa: E402
@@ -52,6 +55,10 @@ logger = logging.getLogger("client.app")
 PAGE = Path(__file__).parent / "static" / "index.html"
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # the image models refuse more anyway; refuse before sending it
 MAX_QUERY_CHARS = 1000  # a query longer than this is not a search: a 400, before Triton or Milvus see it
+# Searches at once; the rest wait in arrival order (client/admission.py). Two per core of this machine: where the
+# page shares the cores with Triton and Milvus that keeps them busy without letting the tail grow
+# (bench/results/service.md); where searches mostly wait on remote servers, more cores come with more slots.
+MAX_SEARCHES = 2 * len(os.sched_getaffinity(0))
 IMAGE_TYPES = {b"\xff\xd8": "image/jpeg", b"\x89P": "image/png", b"RI": "image/webp", b"GI": "image/gif"}
 
 
@@ -344,7 +351,9 @@ class BodyLimit:
         await self.app(scope, limited_receive, tracking_send)
 
 
-def create_app(backend: Backend, images: CatalogImages, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
+def create_app(backend: Backend, images: CatalogImages, max_upload_bytes: int = MAX_UPLOAD_BYTES,
+               max_searches: int = MAX_SEARCHES) -> FastAPI:
+    """The page and API. `max_searches` searches run at once, the rest wait in arrival order (0: no limit)."""
     app = FastAPI(title="mmsearch", description="Multimodal product search: text or photo to products.",
                   version="0.1.0")
     # Multipart framing and form fields come on top of the photo itself.
@@ -364,10 +373,24 @@ def create_app(backend: Backend, images: CatalogImages, max_upload_bytes: int = 
         metrics.error("internal")
         return JSONResponse({"error": "internal error: the page's log says what failed"}, status_code=500)
 
+    # Waiting for a slot is bounded by the page's deadline too: past it, the shopper hears the page is overloaded.
+    slots = Slots(max_searches, backend.timeout_s) if max_searches > 0 else None
+
     def searched(kind: str, text: str | None, image_data: bytes | None, k: int, expression: str,
                  mode: str = "hybrid") -> SearchResult:
         started = time.perf_counter()
-        result = backend.search(text, image_data, k, expression, mode)
+        if slots is None:
+            result = backend.search(text, image_data, k, expression, mode)
+        else:
+            try:
+                slots.acquire()
+            except Overloaded as exc:
+                raise ApiError(503, str(exc), "overload") from None
+            try:
+                metrics.queued(kind, time.perf_counter() - started)
+                result = backend.search(text, image_data, k, expression, mode)
+            finally:
+                slots.release()
         metrics.observe(kind, result.embed_ms / 1e3, result.search_ms / 1e3, time.perf_counter() - started)
         metrics.served_model(backend.fingerprint())
         return result
@@ -405,7 +428,7 @@ def create_app(backend: Backend, images: CatalogImages, max_upload_bytes: int = 
             raise ApiError(400, f"query too long: {len(q):,} characters, the limit is {MAX_QUERY_CHARS:,}")
         expression = _filters(category=category, article_type=article_type, colour=colour, gender=gender,
                               usage=usage, min_price=min_price, max_price=max_price)
-        return _hits(searched("text", q, None, k, expression, mode))
+        return JSONResponse(_hits(searched("text", q, None, k, expression, mode)))
 
     @app.post("/api/search/image", summary="Search with a photo (JPEG, PNG or WebP)")
     def search_image(file: UploadFile = File(..., description="the photo"), k: int = Form(12, ge=1, le=100),
@@ -421,7 +444,7 @@ def create_app(backend: Backend, images: CatalogImages, max_upload_bytes: int = 
                               min_price=min_price, max_price=max_price)
         result = searched("image", None, data, k, expression)
         result.query = file.filename or "<image>"
-        return _hits(result)
+        return JSONResponse(_hits(result))
 
     @app.get("/images/{product_id}", summary="A product's photo, from the catalog")
     def image(product_id: str, request: Request) -> Response:
@@ -449,6 +472,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--catalog", default=DEFAULT_CATALOG, help="catalog the product photos are served from")
     p.add_argument("--max-upload-mb", type=int, default=MAX_UPLOAD_BYTES // (1024 * 1024),
                    help="largest photo accepted for image search")
+    p.add_argument("--max-searches", type=int, default=MAX_SEARCHES,
+                   help="searches run at once; more wait their turn in arrival order, each at most --timeout "
+                        "seconds (then 503: overloaded); 0: every request thread searches at once")
     add_connection_args(p)
     ColumnMap.add_arguments(p)
     return p.parse_args(argv)
@@ -466,8 +492,8 @@ def main(argv: list[str] | None = None) -> None:
                       (args.token, args.user, args.password))
     print(f"search page: http://{args.host}:{args.port}/  (API docs: http://{args.host}:{args.port}/docs)",
           flush=True)
-    uvicorn.run(create_app(backend, images, args.max_upload_mb * 1024 * 1024), host=args.host, port=args.port,
-                log_level="warning")
+    app = create_app(backend, images, args.max_upload_mb * 1024 * 1024, args.max_searches)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":

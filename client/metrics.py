@@ -13,8 +13,8 @@ from prometheus_client.core import CounterMetricFamily
 
 from client.encoder import resends
 
-STAGES = ("embed", "search", "total")
-ERROR_CLASSES = ("bad_input", "triton", "milvus", "internal")
+STAGES = ("queue", "embed", "search", "total")  # queue: waiting for a search slot (client/app.py MAX_SEARCHES)
+ERROR_CLASSES = ("bad_input", "triton", "milvus", "overload", "internal")
 # Seconds: a search here is ~5-25 ms on the CPU flavour; seconds-long ones are outages.
 BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -51,6 +51,9 @@ class Metrics:
         self.latency.labels("embed", kind).observe(embed_s)
         self.latency.labels("search", kind).observe(search_s)
         self.latency.labels("total", kind).observe(total_s)
+
+    def queued(self, kind: str, seconds: float) -> None:
+        self.latency.labels("queue", kind).observe(seconds)
 
     def error(self, error_class: str) -> None:
         self.errors.labels(error_class).inc()

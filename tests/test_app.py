@@ -219,13 +219,49 @@ def test_requests_during_an_outage_fail_side_by_side_not_in_a_queue(tmp_path, mo
     try:
         backend = Backend(f"127.0.0.1:{silent.getsockname()[1]}", "grpc", str(tmp_path / "m.db"), "products", 1.0,
                           (None, None, None))
-        client = TestClient(create_app(backend, CatalogImages(None, None)))
+        client = TestClient(create_app(backend, CatalogImages(None, None), max_searches=6))
         with ThreadPoolExecutor(6) as pool:
             answers = list(pool.map(lambda _: client.get("/api/search", params={"q": "shirt"}), range(6)))
         assert [a.status_code for a in answers] == [503] * 6, [a.text for a in answers]
         assert all(a.json()["error"].startswith("Triton did not answer (no answer within the deadline)")
                    for a in answers), answers[0].text
         assert not barrier.broken
+    finally:
+        silent.close()
+
+
+def test_searches_past_the_slots_wait_in_line_and_an_outage_still_answers_within_two_deadlines(tmp_path):
+    """Two search slots, six requests at once, Triton silent (1 s deadline): two hold the slots until their
+    deadline, the others wait in line at most a deadline. Every request is answered 503, saying Triton did not
+    answer or the page is overloaded, none after two deadlines (and a margin for this machine)."""
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    try:
+        backend = Backend(f"127.0.0.1:{silent.getsockname()[1]}", "grpc", str(tmp_path / "m.db"), "products", 1.0,
+                          (None, None, None))
+        client = TestClient(create_app(backend, CatalogImages(None, None), max_searches=2))
+
+        def ask(_):
+            started = time.monotonic()
+            answer = client.get("/api/search", params={"q": "shirt"})
+            return answer, time.monotonic() - started
+
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(ask, range(6)))
+        assert [a.status_code for a, _ in answers] == [503] * 6, [a.text for a, _ in answers]
+        errors = [a.json()["error"] for a, _ in answers]
+        assert all(e.startswith(("Triton did not answer", "the page is overloaded")) for e in errors), errors
+        assert sum(e.startswith("Triton") for e in errors) >= 2  # the slot holders reached Triton
+        assert max(t for _, t in answers) < 3.5
+        metrics = client.get("/metrics").text
+        overloaded = _sample(metrics, 'mmsearch_errors_total{error_class="overload"}')
+        assert overloaded == sum(e.startswith("the page is overloaded") for e in errors)
     finally:
         silent.close()
 
