@@ -766,12 +766,13 @@ def bounds(row: dict, cores: int) -> str:
     if per_query:
         text += (f"At {_f(per_query)} ms of CPU per query (servers + locust) {cores} cores allow "
                  f"{_f(1e3 * cores / per_query)} q/s: ")
-        text += ("**CPU-bound**. " if used >= 0.8 * cores else
-                 f"the cores are {used / cores:.0%} busy, so part of the wait is something that serializes. ")
+        text += ("**CPU-bound**. " if used >= 0.9 * cores else
+                 f"the cores are {used / cores:.0%} busy, so the rest of the wait is a stage that works alone while "
+                 "the others wait for it (one Python process under its GIL, Lite's single engine). ")
     triton, milvus = row.get("triton_alone"), row.get("milvus_alone")
     if triton and milvus and q.get("page"):
         text += (f"Per query: the page {_f(q['page'])} ms (one Python process: under the GIL it alone caps the "
-                 f"service near {_f(1e3 / q['page'])} q/s; the Milvus client's result decoding costs "
+                 f"service near {_f(1e3 / q['page'])} q/s; the Milvus client (gRPC, result decoding) costs "
                  f"{_f(milvus['client_ms'])} ms of it when measured alone), Triton {_f(q.get('triton'))} ms (alone at "
                  f"c={triton['concurrency']}: {_f(triton['server_ms'])}; at c=1: "
                  f"{_f((row.get('triton_alone_c1') or {}).get('server_ms'))}), Milvus {_f(q.get('milvus'))} ms (alone: "
@@ -896,9 +897,10 @@ def write_markdown(path: Path, meta: dict, points: list[dict], stages: list[dict
               "the same concurrency): the throughput the components' own work allows on this machine.", "",
               "## What bounds it", ""]
     lines += [f"- {bounds(r, cores)}" for r in summary]
-    lines += ["", "Per-stage means are the page's own histograms (`mmsearch_stage_seconds`): embed is the Triton "
-              "call, search the Milvus calls plus fusion and facets, total the handler; the HTTP latency above adds "
-              "the wait for one of the page's worker threads, HTTP and JSON.", ""]
+    lines += ["", "Per-stage means are the page's own histograms (`mmsearch_stage_seconds`): queue is the wait for one "
+              "of the page's search slots (`--max-searches` searches at once; the rest wait in arrival order), embed "
+              "the Triton call, search the Milvus calls (BM25 beside the embedding) plus fusion and facets, total the "
+              "handler; the HTTP latency above adds the hop to a worker thread, HTTP and JSON.", ""]
     path.write_text("\n".join(lines))
 
 
