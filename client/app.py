@@ -31,12 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python client/app.py` from a checkout
     sys.path.insert(0, str(ROOT))
 
-import grpc  # noqa: E402
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile  # noqa: E402
 from fastapi.exception_handlers import request_validation_exception_handler  # noqa: E402
 from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response  # noqa: E402
-from pymilvus.exceptions import MilvusException  # noqa: E402
 
 from client import serving, store  # noqa: E402
 from client.admission import Overloaded, Slots  # noqa: E402
@@ -182,7 +180,7 @@ class Backend:
         one call: a filter, a missing collection), None when the request did not get that far (Triton)."""
         if isinstance(exc, store.StoreError):
             return str(exc) if exc.unavailable else ""
-        if isinstance(exc, (MilvusException, grpc.RpcError)):
+        if isinstance(exc, store.errors()):
             message = store.failure(exc, self.milvus_uri, whole_seconds(self.timeout_s))
             return message if store.unavailable(message) else ""
         return None
@@ -217,7 +215,7 @@ class Backend:
             raise ApiError(503, exc.short, "triton") from None
         except store.StoreError as exc:  # down, or no such collection, or another model's: not the user's
             raise ApiError(503, str(exc), "milvus") from None
-        except (MilvusException, grpc.RpcError) as exc:
+        except store.errors() as exc:
             message = store.failure(exc, self.milvus_uri, whole_seconds(self.timeout_s))
             if expression and _is_filter_error(exc):
                 raise ApiError(400, f"Milvus refused the filter {expression!r}: {_message(exc)}") from None
@@ -247,7 +245,7 @@ class Backend:
             out["milvus"] = f"unhealthy: {exc}"
         except ApiError as exc:
             out["milvus"] = f"unhealthy: {exc.message}"
-        except (MilvusException, grpc.RpcError) as exc:
+        except store.errors() as exc:
             out["milvus"] = f"unhealthy: {store.failure(exc, self.milvus_uri, whole_seconds(self.timeout_s))}"
         return out
 
