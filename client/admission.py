@@ -9,8 +9,28 @@ queueing without end.
 
 from __future__ import annotations
 
+import math
+import os
 import threading
 from collections import deque
+from pathlib import Path
+
+
+def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The CPUs this process may use: its affinity, capped by its cgroup's CPU quota (a container's CPU limit,
+    which the affinity does not show: a pod limited to 2 CPUs on a 64-core node sees 64)."""
+    cpus = len(os.sched_getaffinity(0))
+    for quota_file, period_file in (("cpu.max", None), ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us")):
+        try:
+            fields = (cgroup / quota_file).read_text().split()
+            quota, period = (fields[0], fields[1]) if period_file is None else (
+                fields[0], (cgroup / period_file).read_text().strip())
+        except (OSError, IndexError):
+            continue  # v2's file is absent under v1 and the other way round
+        if quota not in ("max", "-1"):
+            return max(1, min(cpus, math.ceil(int(quota) / int(period))))
+        return cpus
+    return cpus
 
 
 class Overloaded(RuntimeError):

@@ -20,7 +20,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import sys
 import threading
 import time
@@ -37,7 +36,7 @@ from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response  # noqa: E402
 
 from client import serving, store  # noqa: E402
-from client.admission import Overloaded, Slots  # noqa: E402
+from client.admission import Overloaded, Slots, usable_cpus  # noqa: E402
 from client.connection import add_connection_args  # noqa: E402
 from client.deadlines import whole_seconds  # noqa: E402
 from client.encoder import EncoderUnavailable, EncodingError, TritonEncoder  # noqa: E402
@@ -56,7 +55,8 @@ MAX_QUERY_CHARS = 1000  # a query longer than this is not a search: a 400, befor
 # Searches at once; the rest wait in arrival order (client/admission.py). Two per core of this machine: where the
 # page shares the cores with Triton and Milvus that keeps them busy without letting the tail grow
 # (bench/results/service.md); where searches mostly wait on remote servers, more cores come with more slots.
-MAX_SEARCHES = 2 * len(os.sched_getaffinity(0))
+# A container's CPU limit counts, not the node's cores.
+MAX_SEARCHES = 2 * usable_cpus()
 IMAGE_TYPES = {b"\xff\xd8": "image/jpeg", b"\x89P": "image/png", b"RI": "image/webp", b"GI": "image/gif"}
 
 

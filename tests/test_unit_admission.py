@@ -72,3 +72,27 @@ def test_a_search_that_waits_too_long_is_refused_and_leaves_the_queue():
 def test_a_slot_count_below_one_is_refused():
     with pytest.raises(ValueError):
         Slots(0, wait_s=1)
+
+
+def test_the_usable_cpus_are_capped_by_a_containers_cpu_limit(tmp_path):
+    import os
+
+    from client.admission import usable_cpus
+
+    affinity = len(os.sched_getaffinity(0))
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("100000 100000\n")  # cgroup v2: 1 CPU
+    assert usable_cpus(v2) == 1
+    (v2 / "cpu.max").write_text("50000 100000\n")  # half a CPU still runs one search at a time
+    assert usable_cpus(v2) == 1
+    (v2 / "cpu.max").write_text("max 100000\n")  # no limit: the affinity
+    assert usable_cpus(v2) == affinity
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert usable_cpus(v1) == 1
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert usable_cpus(v1) == affinity
+    assert usable_cpus(tmp_path / "none") == affinity  # no cgroup files at all
