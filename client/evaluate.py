@@ -29,7 +29,14 @@ from client.connection import add_connection_args, connect  # noqa: E402
 from client.encoder import EncoderUnavailable, EncodingError, TritonEncoder  # noqa: E402
 from client.fusion import MODES, combine  # noqa: E402
 from core.catalog import DEFAULT_CATALOG, CatalogError, ColumnMap, ImageFetcher, read_catalog  # noqa: E402
-from core.metrics import KS, format_table, retrieval_metrics, without_query_products  # noqa: E402
+from core.metrics import (  # noqa: E402
+    KS,
+    format_groups,
+    format_table,
+    grouped_metrics,
+    retrieval_metrics,
+    without_query_products,
+)
 from core.queries import DEFAULT_EVAL_SET, QuerySet  # noqa: E402
 from core.specs import QUERY_ENCODER  # noqa: E402
 
@@ -53,7 +60,8 @@ def evaluate_served(encoder: TritonEncoder, client, queries: Path, catalog: str 
     if mode != "dense" and not store.has_lexical(client, collection):
         logger.warning("text queries evaluated dense, not %s: %s", mode, lexical_missing(client, collection))
         mode = "dense"
-    out = {"collection": collection, "products": store.count(client, collection), "mode": mode, "metrics": {}}
+    out = {"collection": collection, "products": store.count(client, collection), "mode": mode, "metrics": {},
+           "groups": {}}
 
     def ranked_texts(texts: list[str]) -> list[list[str]]:
         dense = ([[]] * len(texts) if mode == "lexical" else
@@ -61,29 +69,33 @@ def evaluate_served(encoder: TritonEncoder, client, queries: Path, catalog: str 
         lexical = [[]] * len(texts) if mode == "dense" else store.lexical_search(client, texts, k, collection)
         return [[h.product_id for h in combine(mode, d, lx, index[1])[:k]] for d, lx in zip(dense, lexical)]
 
-    def keep(queries_, relevant_lists):
-        kept = [(q, [r for r in rel if r in indexed]) for q, rel in zip(queries_, relevant_lists)]
-        return [(q, rel) for q, rel in kept if rel]
+    def keep(queries_, relevant_lists, groups):
+        kept = [(q, [r for r in rel if r in indexed], g) for q, rel, g in zip(queries_, relevant_lists, groups)]
+        return [(q, rel, g) for q, rel, g in kept if rel]
 
-    text_items = keep(qs.texts, qs.text_relevant)
+    text_items = keep(qs.texts, qs.text_relevant, qs.text_groups)
     if text_items:
         ranked = []
         for start in tqdm(range(0, len(text_items), batch_size), desc="text queries", unit="batch", disable=None):
-            ranked += ranked_texts([q for q, _ in text_items[start:start + batch_size]])
-        out["metrics"]["text"] = retrieval_metrics(ranked, [rel for _, rel in text_items], KS)
-    image_items = keep(qs.image_ids, qs.image_relevant)
+            ranked += ranked_texts([q for q, _, _ in text_items[start:start + batch_size]])
+        relevant = [rel for _, rel, _ in text_items]
+        out["metrics"]["text"] = retrieval_metrics(ranked, relevant, KS)
+        out["groups"]["text"] = grouped_metrics(ranked, relevant, [g for _, _, g in text_items])
+    # An image query with nothing relevant but its own product is no query (without_query_products would drop it).
+    image_items = [(q, rel, g) for q, rel, g in keep(qs.image_ids, qs.image_relevant, qs.image_groups)
+                   if any(r != q for r in rel)]
     if image_items and encoder.multimodal:
         if catalog is None:
             raise ValueError("image queries need --catalog (the query is a catalog product's photo)")
         df, _ = read_catalog(catalog, columns)
         refs = dict(zip(df["product_id"].astype(str), df["image"]))
         fetch = ImageFetcher(base_dir=df.attrs.get("base_dir"))
-        ranked, relevant, photo_ids = [], [], []
+        ranked, relevant, photo_ids, groups = [], [], [], []
         for start in tqdm(range(0, len(image_items), batch_size), desc="image queries", unit="batch", disable=None):
             batch = []
-            for product_id, rel in image_items[start:start + batch_size]:
+            for product_id, rel, group in image_items[start:start + batch_size]:
                 try:
-                    batch.append((fetch(refs[product_id]), rel, product_id))
+                    batch.append((fetch(refs[product_id]), rel, product_id, group))
                 except Exception as exc:  # noqa: BLE001  (a query whose photo is unreadable is skipped, and said)
                     logger.warning("image query %s skipped: %s", product_id, exc)
             if batch:
@@ -91,9 +103,11 @@ def evaluate_served(encoder: TritonEncoder, client, queries: Path, catalog: str 
                 ranked += _ranked(client, collection, encoder.embed_images([b[0] for b in batch]), k + 1, index)
                 relevant += [b[1] for b in batch]
                 photo_ids += [b[2] for b in batch]
+                groups += [b[3] for b in batch]
         ranked, relevant = without_query_products(ranked, relevant, photo_ids, k)
         if ranked:
             out["metrics"]["image"] = retrieval_metrics(ranked, relevant, KS)
+            out["groups"]["image"] = grouped_metrics(ranked, relevant, groups)
     return out
 
 
@@ -128,7 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     except store.errors() as exc:
         print(f"error: {store.failure(exc, args.milvus_uri)}", file=sys.stderr)
         return 2
-    print(format_table({f"served ({result['products']} products, {result['mode']})": result}))
+    name = f"served ({result['products']} products, {result['mode']})"
+    print(format_table({name: result}))
+    print()
+    print(format_groups({name: result}))
     if args.json_out:
         args.json_out.write_text(json.dumps(result, indent=2) + "\n")
     return 0

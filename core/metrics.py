@@ -14,15 +14,15 @@ import numpy as np
 KS = (1, 10, 100)
 
 
-def retrieval_metrics(ranked: Sequence[Sequence[str]], relevant: Sequence[Sequence[str]],
-                      ks: Sequence[int] = KS) -> dict[str, float]:
-    """Mean Recall@k (capped), nDCG@10 and MRR@10 over queries; `ranked[i]` is best first."""
+def per_query(ranked: Sequence[Sequence[str]], relevant: Sequence[Sequence[str]],
+              ks: Sequence[int] = KS) -> dict[str, list[float]]:
+    """Each query's Recall@k (capped), nDCG@10 and reciprocal rank within 10, in query order."""
     if len(ranked) != len(relevant):
         raise ValueError(f"{len(ranked)} rankings for {len(relevant)} relevance lists")
     if not ranked:
         raise ValueError("no queries to evaluate")
-    recalls = {k: [] for k in ks}
-    ndcgs, rrs = [], []
+    scores: dict[str, list[float]] = {f"recall@{k}": [] for k in ks}
+    scores["ndcg@10"], scores["mrr@10"] = [], []
     discounts = 1.0 / np.log2(np.arange(2, 12))
     for ranking, rel in zip(ranked, relevant):
         rel = set(rel)
@@ -30,17 +30,52 @@ def retrieval_metrics(ranked: Sequence[Sequence[str]], relevant: Sequence[Sequen
             raise ValueError("a query has no relevant products")
         hits = np.fromiter((pid in rel for pid in ranking), dtype=bool, count=len(ranking))
         for k in ks:
-            recalls[k].append(hits[:k].sum() / min(k, len(rel)))
+            scores[f"recall@{k}"].append(float(hits[:k].sum() / min(k, len(rel))))
         top = hits[:10]
         ideal = discounts[: min(10, len(rel))].sum()
-        ndcgs.append(float((top * discounts[: len(top)]).sum() / ideal))
+        scores["ndcg@10"].append(float((top * discounts[: len(top)]).sum() / ideal))
         first = np.flatnonzero(top)
-        rrs.append(1.0 / (first[0] + 1) if len(first) else 0.0)
-    out = {f"recall@{k}": float(np.mean(v)) for k, v in recalls.items()}
-    out["ndcg@10"] = float(np.mean(ndcgs))
-    out["mrr@10"] = float(np.mean(rrs))
+        scores["mrr@10"].append(1.0 / (first[0] + 1) if len(first) else 0.0)
+    return scores
+
+
+def retrieval_metrics(ranked: Sequence[Sequence[str]], relevant: Sequence[Sequence[str]],
+                      ks: Sequence[int] = KS) -> dict[str, float]:
+    """Mean Recall@k (capped), nDCG@10 and MRR@10 over queries; `ranked[i]` is best first."""
+    out: dict[str, float] = {name: float(np.mean(v)) for name, v in per_query(ranked, relevant, ks).items()}
     out["queries"] = len(ranked)
     return out
+
+
+# How many products a query has to find (after its own product leaves an image query's relevant set).
+RELEVANT_BUCKETS = ((1, 9, "fewer than 10"), (10, 19, "10-19"), (20, 99, "20-99"), (100, None, "100 or more"))
+GROUP_METRICS = ("ndcg@10", "recall@100")
+
+
+def grouped_metrics(ranked: Sequence[Sequence[str]], relevant: Sequence[Sequence[str]],
+                    groups: Sequence[str | None]) -> dict:
+    """What a mean over queries hides: the macro average over groups (each look's queries averaged first, then
+    the looks, so a popular look counts once; queries without a group left out) and the means by how many
+    relevant products a query has (RELEVANT_BUCKETS)."""
+    if not (len(ranked) == len(relevant) == len(groups)):
+        raise ValueError("ranked, relevant and groups must be parallel lists")
+    scores = per_query(ranked, relevant, ks=(100,))
+    by_group: dict[str, list[int]] = {}
+    for i, group in enumerate(groups):
+        if group is not None:
+            by_group.setdefault(group, []).append(i)
+    macro: dict[str, float | int] = {"groups": len(by_group)}
+    for name in GROUP_METRICS:
+        macro[name] = (float(np.mean([np.mean([scores[name][i] for i in members]) for members in by_group.values()]))
+                       if by_group else float("nan"))
+    sizes = [len(set(rel)) for rel in relevant]
+    buckets = {}
+    for low, high, label in RELEVANT_BUCKETS:
+        members = [i for i, n in enumerate(sizes) if n >= low and (high is None or n <= high)]
+        buckets[label] = {"queries": len(members),
+                          **{name: float(np.mean([scores[name][i] for i in members])) if members else None
+                             for name in GROUP_METRICS}}
+    return {"macro": macro, "by_relevant": buckets}
 
 
 def without_query_products(ranked: Sequence[Sequence[str]], relevant: Sequence[Sequence[str]],
@@ -80,6 +115,22 @@ def format_table(results: dict[str, dict]) -> str:
         for kind, metrics in result["metrics"].items():
             values = [f"{metrics[c]:.4f}" if isinstance(metrics[c], float) else str(metrics[c]) for c in cols]
             lines.append(f"| {name} | {kind} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
+def format_groups(results: dict[str, dict]) -> str:
+    """Markdown table of grouped_metrics: per (model, query kind), the micro and macro means and each bucket."""
+    labels = [label for _, _, label in RELEVANT_BUCKETS]
+    lines = ["| model | queries | nDCG@10 micro / macro (looks) | R@100 micro / macro | "
+             + " | ".join(f"nDCG@10, {label} relevant" for label in labels) + " |",
+             "|---|---|---|---|" + "---|" * len(labels)]
+    for name, result in results.items():
+        for kind, grouped in result.get("groups", {}).items():
+            micro, macro = result["metrics"][kind], grouped["macro"]
+            cells = [f"{b['ndcg@10']:.3f} ({b['queries']})" if b["queries"] else "-"
+                     for b in (grouped["by_relevant"][label] for label in labels)]
+            lines.append(f"| {name} | {kind} | {micro['ndcg@10']:.3f} / {macro['ndcg@10']:.3f} ({macro['groups']}) | "
+                         f"{micro['recall@100']:.3f} / {macro['recall@100']:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

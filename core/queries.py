@@ -15,7 +15,7 @@ import json
 import random
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 GENDER_WORDS = {
@@ -51,6 +51,10 @@ EVAL_TEMPLATES = (
     "looking for {brand} {colour} {type}",
     "{type} {brand} {colour}",
 )
+
+# The balanced sets' text queries (training/make_balanced_sets.py): the evaluation phrasings that name a look
+# (type and colour) and no brand, so the query is about the look.
+LOOK_TEMPLATES = tuple(t for t in EVAL_TEMPLATES if "{type}" in t and "{colour}" in t and "{brand}" not in t)
 
 
 def brand_of(title: str) -> str:
@@ -185,16 +189,32 @@ DEFAULT_EVAL_SET = EVAL_SETS_DIR / "fashion.jsonl"
 # Shoppers typing what dense vectors miss (`python -m training.make_lexical_sets`): model codes, rare names.
 CODES_EVAL_SET = EVAL_SETS_DIR / "fashion-codes.jsonl"
 NAMES_EVAL_SET = EVAL_SETS_DIR / "fashion-names.jsonl"
+# One photo and one text query per look, looks drawn uniformly (`python -m training.make_balanced_sets`): the tail.
+BALANCED_EVAL_SET = EVAL_SETS_DIR / "fashion-balanced.jsonl"
+
+
+def look_group(item: Mapping) -> str | None:
+    """The (article type, colour) combination a query line is about: its "group", or its constraints' type and
+    colour when it names both; None otherwise. Macro averages and the balanced sets count by it."""
+    if item.get("group"):
+        return str(item["group"])
+    constraints = item.get("constraints") or {}
+    if constraints.get("article_type") and constraints.get("base_colour"):
+        return f"{constraints['article_type']} / {constraints['base_colour']}".lower()
+    return None
 
 
 @dataclass
 class QuerySet:
-    """A JSONL query set: {"query": ..., "relevant": [ids]} or {"image_product_id": ..., "relevant": [ids]}."""
+    """A JSONL query set: {"query": ..., "relevant": [ids]} or {"image_product_id": ..., "relevant": [ids]}, each
+    optionally with "constraints" (the attributes it names) or a "group" (the look it is about: look_group)."""
 
     texts: list[str]
     text_relevant: list[list[str]]
     image_ids: list[str]
     image_relevant: list[list[str]]
+    text_groups: list[str | None] = field(default_factory=list)
+    image_groups: list[str | None] = field(default_factory=list)
 
     @classmethod
     def load(cls, path: str | Path) -> QuerySet:
@@ -209,9 +229,11 @@ class QuerySet:
             if "query" in item:
                 qs.texts.append(item["query"])
                 qs.text_relevant.append(relevant)
+                qs.text_groups.append(look_group(item))
             elif "image_product_id" in item:
                 qs.image_ids.append(str(item["image_product_id"]))
                 qs.image_relevant.append(relevant)
+                qs.image_groups.append(look_group(item))
             else:
                 raise ValueError(f"{path}:{lineno}: expected a 'query' or an 'image_product_id'")
         return qs

@@ -24,7 +24,15 @@ from pathlib import Path
 import numpy as np
 
 from core.catalog import DEFAULT_CATALOG, ColumnMap, read_catalog
-from core.metrics import KS, format_table, rank, retrieval_metrics, without_query_products
+from core.metrics import (
+    KS,
+    format_groups,
+    format_table,
+    grouped_metrics,
+    rank,
+    retrieval_metrics,
+    without_query_products,
+)
 from core.queries import QuerySet
 
 from .data import ProductSet, build_product_set
@@ -71,7 +79,8 @@ def evaluate(checkpoint: str | Path, queries: QuerySet, catalog: str = DEFAULT_C
         cache.parent.mkdir(parents=True, exist_ok=True)
         np.save(cache, product_emb)
     corpus = set(ids)
-    out = {"checkpoint": str(checkpoint), "degrade": degrade, "products": len(ids), "metrics": {}, "rankings": {}}
+    out = {"checkpoint": str(checkpoint), "degrade": degrade, "products": len(ids), "metrics": {}, "groups": {},
+           "rankings": {}}
 
     def keep(relevant_lists):
         return [[r for r in rel if r in corpus] for rel in relevant_lists]
@@ -80,21 +89,25 @@ def evaluate(checkpoint: str | Path, queries: QuerySet, catalog: str = DEFAULT_C
         relevant = keep(queries.text_relevant)
         mask = [bool(r) for r in relevant]
         texts = [t for t, m in zip(queries.texts, mask) if m]
+        groups = [g for g, m in zip(queries.text_groups, mask) if m]
         relevant = [r for r in relevant if r]
         ranked = rank(embed_queries(model, tokenizer, texts), product_emb, ids, k=max(KS))
         out["metrics"]["text"] = retrieval_metrics(ranked, relevant, KS)
+        out["groups"]["text"] = grouped_metrics(ranked, relevant, groups)
         out["rankings"]["text"] = {"queries": texts, "ranked": ranked, "relevant": relevant}
     if queries.image_ids and model.cfg.multimodal:
         position = {pid: i for i, pid in enumerate(ids)}
-        pairs = [(position[q], rel) for q, rel in zip(queries.image_ids, keep(queries.image_relevant))
-                 if q in position and rel and products.has_image[position[q]]]
+        # An image query with nothing relevant but its own product is no query (without_query_products drops it).
+        pairs = [(position[q], rel, g) for q, rel, g in zip(queries.image_ids, keep(queries.image_relevant),
+                                                            queries.image_groups)
+                 if q in position and any(r != q for r in rel) and products.has_image[position[q]]]
         if pairs:
-            idx = [i for i, _ in pairs]
+            idx = [i for i, _, _ in pairs]
             image_emb = embed_image_queries(model, products.pixels[idx], image_cfg)
             ranked, relevant = without_query_products(rank(image_emb, product_emb, ids, k=max(KS) + 1),
-                                                      [r for _, r in pairs], [ids[i] for i in idx], max(KS))
-            if ranked:
-                out["metrics"]["image"] = retrieval_metrics(ranked, relevant, KS)
+                                                      [r for _, r, _ in pairs], [ids[i] for i in idx], max(KS))
+            out["metrics"]["image"] = retrieval_metrics(ranked, relevant, KS)
+            out["groups"]["image"] = grouped_metrics(ranked, relevant, [g for _, _, g in pairs])
     return out
 
 
@@ -117,6 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     result = evaluate(args.checkpoint, QuerySet.load(args.queries), args.catalog, ColumnMap.from_args(args),
                       args.degrade, args.cache_dir, args.corpus_limit, args.device)
     print(format_table({Path(args.checkpoint).name: result}))
+    print()
+    print(format_groups({Path(args.checkpoint).name: result}))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({k: v for k, v in result.items() if k != "rankings"}, indent=2))
 
