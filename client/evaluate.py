@@ -31,6 +31,7 @@ from client.fusion import MODES, combine  # noqa: E402
 from core.catalog import DEFAULT_CATALOG, CatalogError, ColumnMap, ImageFetcher, read_catalog  # noqa: E402
 from core.metrics import (  # noqa: E402
     KS,
+    finds_others,
     format_groups,
     format_table,
     grouped_metrics,
@@ -81,9 +82,9 @@ def evaluate_served(encoder: TritonEncoder, client, queries: Path, catalog: str 
         relevant = [rel for _, rel, _ in text_items]
         out["metrics"]["text"] = retrieval_metrics(ranked, relevant, KS)
         out["groups"]["text"] = grouped_metrics(ranked, relevant, [g for _, _, g in text_items])
-    # An image query with nothing relevant but its own product is no query (without_query_products would drop it).
+    # Dropped here, not by without_query_products below, so the groups stay parallel to what is scored.
     image_items = [(q, rel, g) for q, rel, g in keep(qs.image_ids, qs.image_relevant, qs.image_groups)
-                   if any(r != q for r in rel)]
+                   if finds_others(q, rel)]
     if image_items and encoder.multimodal:
         if catalog is None:
             raise ValueError("image queries need --catalog (the query is a catalog product's photo)")

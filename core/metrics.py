@@ -78,6 +78,11 @@ def grouped_metrics(ranked: Sequence[Sequence[str]], relevant: Sequence[Sequence
     return {"macro": macro, "by_relevant": buckets}
 
 
+def finds_others(query_id: str, relevant: Sequence[str]) -> bool:
+    """Whether an image query has something to find besides its own product (without_query_products keeps it)."""
+    return any(r != query_id for r in relevant)
+
+
 def without_query_products(ranked: Sequence[Sequence[str]], relevant: Sequence[Sequence[str]],
                            query_ids: Sequence[str], k: int = max(KS)) -> tuple[list[list[str]], list[list[str]]]:
     """Image queries scored on the *other* products: each photo's own product leaves its ranking
@@ -86,10 +91,9 @@ def without_query_products(ranked: Sequence[Sequence[str]], relevant: Sequence[S
     """
     out_ranked, out_relevant = [], []
     for ranking, rel, qid in zip(ranked, relevant, query_ids, strict=True):
-        rel = [r for r in rel if r != qid]
-        if rel:
+        if finds_others(qid, rel):
             out_ranked.append([p for p in ranking if p != qid][:k])
-            out_relevant.append(rel)
+            out_relevant.append([r for r in rel if r != qid])
     return out_ranked, out_relevant
 
 

@@ -26,6 +26,7 @@ import numpy as np
 from core.catalog import DEFAULT_CATALOG, ColumnMap, read_catalog
 from core.metrics import (
     KS,
+    finds_others,
     format_groups,
     format_table,
     grouped_metrics,
@@ -97,10 +98,10 @@ def evaluate(checkpoint: str | Path, queries: QuerySet, catalog: str = DEFAULT_C
         out["rankings"]["text"] = {"queries": texts, "ranked": ranked, "relevant": relevant}
     if queries.image_ids and model.cfg.multimodal:
         position = {pid: i for i, pid in enumerate(ids)}
-        # An image query with nothing relevant but its own product is no query (without_query_products drops it).
+        # Dropped here, not by without_query_products below, so the groups stay parallel to what is scored.
         pairs = [(position[q], rel, g) for q, rel, g in zip(queries.image_ids, keep(queries.image_relevant),
                                                             queries.image_groups)
-                 if q in position and any(r != q for r in rel) and products.has_image[position[q]]]
+                 if q in position and finds_others(q, rel) and products.has_image[position[q]]]
         if pairs:
             idx = [i for i, _, _ in pairs]
             image_emb = embed_image_queries(model, products.pixels[idx], image_cfg)
