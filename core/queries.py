@@ -193,6 +193,19 @@ NAMES_EVAL_SET = EVAL_SETS_DIR / "fashion-names.jsonl"
 BALANCED_EVAL_SET = EVAL_SETS_DIR / "fashion-balanced.jsonl"
 
 
+def query_set_text(lines: Sequence[Mapping]) -> str:
+    """A query set's JSONL text, one line per query (what QuerySet.load reads)."""
+    return "".join(json.dumps(line) + "\n" for line in lines)
+
+
+def write_query_set(path: str | Path, lines: Sequence[Mapping]) -> Path:
+    """Write a query set (its folder made if missing); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(query_set_text(lines))
+    return path
+
+
 def look_group(item: Mapping) -> str | None:
     """The (article type, colour) combination a query line is about: its "group", or its constraints' type and
     colour when it names both; None otherwise. Macro averages and the balanced sets count by it."""

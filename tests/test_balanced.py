@@ -10,7 +10,7 @@ import pytest
 
 from core.catalog import read_catalog
 from core.metrics import grouped_metrics, retrieval_metrics
-from core.queries import BALANCED_EVAL_SET, LOOK_TEMPLATES, QuerySet, look, product_attributes
+from core.queries import BALANCED_EVAL_SET, LOOK_TEMPLATES, QuerySet, look, product_attributes, query_set_text
 from training.data import split_indices
 from training.make_balanced_sets import balanced_lines
 
@@ -90,4 +90,4 @@ def test_the_draw_is_seeded_uniform_over_looks_and_reaches_small_ones(catalog_ro
 def test_the_committed_balanced_set_is_what_the_generator_writes(catalog_path):
     df, _ = read_catalog(catalog_path)
     lines = balanced_lines(df.to_dict("records"), looks=300, min_products=3, val_fraction=0.05, seed=0)
-    assert BALANCED_EVAL_SET.read_text() == "".join(json.dumps(line) + "\n" for line in lines)
+    assert BALANCED_EVAL_SET.read_text() == query_set_text(lines)

@@ -20,12 +20,18 @@ draw leans a little towards bigger looks, and still holds looks of every size (t
 from __future__ import annotations
 
 import argparse
-import json
 import random
-from pathlib import Path
 
 from core.catalog import DEFAULT_CATALOG, read_catalog
-from core.queries import BALANCED_EVAL_SET, LOOK_TEMPLATES, generate_query, look, product_attributes, relevant_ids
+from core.queries import (
+    BALANCED_EVAL_SET,
+    LOOK_TEMPLATES,
+    generate_query,
+    look,
+    product_attributes,
+    relevant_ids,
+    write_query_set,
+)
 
 from .data import split_indices
 
@@ -75,9 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     df, _ = read_catalog(args.catalog)
     lines = balanced_lines(df.to_dict("records"), args.looks, args.min_products, args.val_fraction, args.seed)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = write_query_set(args.out, lines)
     print(f"wrote {out}: {len(lines) // 2} looks, one photo and one text query each")
 
 

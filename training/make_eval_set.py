@@ -11,12 +11,17 @@ held-out products; relevant are the products of the same article type and colour
 from __future__ import annotations
 
 import argparse
-import json
 import random
-from pathlib import Path
 
 from core.catalog import DEFAULT_CATALOG, read_catalog
-from core.queries import DEFAULT_EVAL_SET, EVAL_TEMPLATES, generate_query, product_attributes, relevant_ids
+from core.queries import (
+    DEFAULT_EVAL_SET,
+    EVAL_TEMPLATES,
+    generate_query,
+    product_attributes,
+    relevant_ids,
+    write_query_set,
+)
 
 from .data import split_indices
 
@@ -57,9 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         key = (attrs[i]["article_type"], attrs[i]["base_colour"])
         lines.append({"image_product_id": ids[i], "relevant": by_type_colour[key],
                       "constraints": {"article_type": key[0], "base_colour": key[1]}})
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = write_query_set(args.out, lines)
     print(f"wrote {out}: {len(seen)} text queries, {min(args.image_queries, len(order))} image queries")
 
 

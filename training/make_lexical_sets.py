@@ -14,14 +14,13 @@ the catalog. Same JSONL format as the attribute set (core.queries.QuerySet).
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import re
 from collections import Counter
 from pathlib import Path
 
 from core.catalog import DEFAULT_CATALOG, read_catalog
-from core.queries import CODES_EVAL_SET, EVAL_SETS_DIR, GENDER_WORDS, NAMES_EVAL_SET, brand_of, words
+from core.queries import CODES_EVAL_SET, EVAL_SETS_DIR, GENDER_WORDS, NAMES_EVAL_SET, brand_of, words, write_query_set
 
 # A model code: letters and digits together, two digits at least ("F300" yes, "Tee2" no).
 CODE = re.compile(r"^(?=(?:.*\d){2})(?=.*[a-z])[a-z0-9][a-z0-9\-/.]{2,}[a-z0-9]$")
@@ -87,12 +86,10 @@ def main(argv: list[str] | None = None) -> None:
     df, _ = read_catalog(args.catalog)
     rows = df.to_dict("records")
     rng = random.Random(args.seed)
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     for name, items in ((CODES_EVAL_SET.name, code_queries(rows, args.queries, rng)),
                         (NAMES_EVAL_SET.name, name_queries(rows, args.queries, rng))):
-        (out / name).write_text("".join(json.dumps(x) + "\n" for x in items))
-        print(f"wrote {out / name}: {len(items)} queries")
+        path = write_query_set(Path(args.out_dir) / name, items)
+        print(f"wrote {path}: {len(items)} queries")
 
 
 if __name__ == "__main__":
