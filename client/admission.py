@@ -16,21 +16,28 @@ from collections import deque
 from pathlib import Path
 
 
+def _cpu_quota(cgroup: Path) -> tuple[str, str] | None:
+    """(quota, period) of this process's cgroup: v2's cpu.max, else v1's cfs files; None when neither is there."""
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+        return quota, period
+    except (OSError, ValueError):
+        pass
+    try:
+        return ((cgroup / "cpu" / "cpu.cfs_quota_us").read_text().split()[0],
+                (cgroup / "cpu" / "cpu.cfs_period_us").read_text().strip())
+    except (OSError, IndexError):
+        return None
+
+
 def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
     """The CPUs this process may use: its affinity, capped by its cgroup's CPU quota (a container's CPU limit,
     which the affinity does not show: a pod limited to 2 CPUs on a 64-core node sees 64)."""
     cpus = len(os.sched_getaffinity(0))
-    for quota_file, period_file in (("cpu.max", None), ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us")):
-        try:
-            fields = (cgroup / quota_file).read_text().split()
-            quota, period = (fields[0], fields[1]) if period_file is None else (
-                fields[0], (cgroup / period_file).read_text().strip())
-        except (OSError, IndexError):
-            continue  # v2's file is absent under v1 and the other way round
-        if quota not in ("max", "-1"):
-            return max(1, min(cpus, math.ceil(int(quota) / int(period))))
+    limit = _cpu_quota(cgroup)
+    if limit is None or limit[0] in ("max", "-1"):  # no cgroup files, or no quota
         return cpus
-    return cpus
+    return max(1, min(cpus, math.ceil(int(limit[0]) / int(limit[1]))))
 
 
 class Overloaded(RuntimeError):
