@@ -233,3 +233,50 @@ def test_cli_help_and_overrides(tmp_path, capsys):
     conf.write_text(json.dumps({"epochz": 3}))
     with pytest.raises(TypeError):
         parse_args(["--config", str(conf)])
+
+
+def test_look_partners_share_the_anchor_look(tmp_path, catalog_path):
+    from core.queries import look
+    from training.train import look_partners
+    df, report = read_catalog(str(catalog_path), limit=240)
+    products = build_product_set(df, None, report)
+    train_idx = np.arange(len(products))
+    pools = {}
+    for i in train_idx:
+        pools.setdefault(look(products.attrs[i]), []).append(int(i))
+    pools = {k: np.asarray(v) for k, v in pools.items()}
+    anchors = train_idx[:120]
+    partners = look_partners(anchors, pools, products, train_idx, np.random.default_rng(0))
+    for a, b in zip(anchors, partners):
+        if len(pools[look(products.attrs[a])]) > 1:  # a look of one product falls back to any product
+            assert b != a and look(products.attrs[b]) == look(products.attrs[a])
+    paired = sum(len(pools[look(products.attrs[a])]) > 1 for a in anchors)
+    assert paired > 60  # the slice has looks of several products; else the test proves nothing
+
+
+def test_logit_adjusted_heads_favour_rare_labels_less(tmp_path, catalog_path):
+    """With the prior added in the loss, a head that outputs the prior's log itself scores no better than flat
+    logits: the heads need not learn label frequency, so their own logits rank labels as if balanced."""
+    from training.train import AttributeHeads
+    df, report = read_catalog(str(catalog_path), limit=240)
+    products = build_product_set(df, None, report)
+    idx = np.arange(len(products))
+    plain = AttributeHeads(products, idx, part_dim=8)
+    adjusted = AttributeHeads(products, idx, part_dim=8, logit_adjust=1.0)
+    adjusted.load_state_dict(plain.state_dict())
+    for heads in (plain, adjusted):
+        for head in heads.heads.values():
+            torch.nn.init.zeros_(head.weight)
+            torch.nn.init.zeros_(head.bias)
+    image = torch.zeros(len(idx), 8)
+    # Flat logits: plain CE is the labels' entropy under a uniform guess; adjusted CE is the CE of the prior,
+    # which is lower whenever labels are imbalanced (they are, in any real catalog slice).
+    assert adjusted(image, idx).item() < plain(image, idx).item() - 0.1
+
+
+def test_look_pairs_training_runs_and_resumes_the_same(tmp_path, catalog_path):
+    cfg = _cfg(tmp_path, catalog=str(catalog_path), look_pairs=True, attribute_logit_adjust=1.0, max_steps=3)
+    train(cfg)
+    config = json.loads((Path(cfg.out) / "config.json").read_text())
+    assert config["train_cfg"]["look_pairs"] is True
+    assert config["train_cfg"]["attribute_logit_adjust"] == 1.0

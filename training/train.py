@@ -105,6 +105,12 @@ class TrainCfg:
                        "colour is what shoppers search for)")
     crop_scale: float = _f(0.6, "smallest share of the photo's area a random crop keeps")
     hard_negatives: bool = _f(False, "add one hard negative per product: same article type, other colour")
+    look_pairs: bool = _f(False, "batches of look pairs: half the batch walks the shuffled catalog, and each of "
+                          "those products brings another training product of its look (article type and colour), "
+                          "so that a rare look has a positive in its batch too; steps per epoch are unchanged")
+    attribute_logit_adjust: float = _f(0.0, "logit adjustment of the attribute losses (Menon et al., 2021): tau * "
+                                       "log(label prior) added to the logits in training, so the heads learn "
+                                       "label scores that do not favour frequent labels (0 = plain cross-entropy)")
     seed: int = _f(0, "seed for the split, query generation, batching and dropout")
     save_every: int = _f(200, "save a resumable checkpoint every N steps (and at each epoch end)", shapes=False)
     val_every: int = _f(0, "also validate every N steps: a learning curve in config.json's history (0 = only at "
@@ -260,16 +266,26 @@ class AttributeHeads(nn.Module):
 
     Every catalog has a category column: naming it from the photo is a dense, cheap signal that
     a from-scratch image tower learns from faster than from in-batch contrast alone.
+    The image part is unit-length: its coordinates are scaled by sqrt(part_dim) (unit variance)
+    before the heads, or their logits stay too small for the softmax to separate labels.
+    With `logit_adjust` tau > 0, the loss sees logits + tau * log(prior) (the label shares among
+    the training products), so that the heads' own logits rank labels as if they were balanced.
     """
 
     ATTRIBUTES = ("article_type", "base_colour")
 
-    def __init__(self, products: ProductSet, indices: np.ndarray, part_dim: int):
+    def __init__(self, products: ProductSet, indices: np.ndarray, part_dim: int, logit_adjust: float = 0.0):
         super().__init__()
         self.vocab = {a: sorted({products.attrs[i][a].lower() for i in indices} - {""}) for a in self.ATTRIBUTES}
         self.heads = nn.ModuleDict({a: nn.Linear(part_dim, len(v)) for a, v in self.vocab.items()})
         self.labels = {a: torch.tensor([self._label(a, attrs[a]) for attrs in products.attrs])
                        for a in self.ATTRIBUTES}
+        self.scale = math.sqrt(part_dim)
+        self.adjust = {}
+        for a, labels in self.labels.items():
+            known = labels[torch.from_numpy(indices)]
+            counts = torch.bincount(known[known >= 0], minlength=len(self.vocab[a])).float()
+            self.adjust[a] = logit_adjust * (counts / counts.sum()).clamp(min=1e-8).log()
 
     def _label(self, attribute: str, value: str) -> int:
         values = self.vocab[attribute]
@@ -279,7 +295,9 @@ class AttributeHeads(nn.Module):
 
     def forward(self, image: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
         rows = torch.from_numpy(idx)
-        return sum(F.cross_entropy(head(image), self.labels[a][rows].to(image.device), ignore_index=-100)
+        scaled = image * self.scale
+        return sum(F.cross_entropy(head(scaled) + self.adjust[a].to(image.device),
+                                   self.labels[a][rows].to(image.device), ignore_index=-100)
                    for a, head in self.heads.items()) / len(self.heads)
 
 
@@ -289,6 +307,21 @@ class AttributeHeads(nn.Module):
 class Batch:
     queries: list[Query]
     products: np.ndarray  # indices into the ProductSet: positives first, then hard negatives
+
+
+def look_partners(anchors: np.ndarray, pools: dict[tuple[str, str], np.ndarray], products: ProductSet,
+                  fallback: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One partner per anchor: another product of its look from `pools` (look -> training products), or, for a
+    look with no other training product, a product drawn from `fallback`."""
+    partners = np.empty_like(anchors)
+    for k, i in enumerate(anchors):
+        pool = pools[look(products.attrs[i])]
+        if len(pool) > 1:
+            j = pool[rng.integers(len(pool) - 1)]
+            partners[k] = pool[-1] if j == i else j  # uniform over the pool without i
+        else:
+            partners[k] = fallback[rng.integers(len(fallback))]
+    return partners
 
 
 def make_batch(products: ProductSet, idx: np.ndarray, cfg: TrainCfg, step: int,
@@ -467,10 +500,16 @@ def train(cfg: TrainCfg, columns: ColumnMap | None = None) -> Path:
     model.train()
     heads = None
     if model.cfg.multimodal and cfg.attribute_weight > 0:
-        heads = AttributeHeads(products, train_idx, model.cfg.part_dim).to(device)
+        heads = AttributeHeads(products, train_idx, model.cfg.part_dim, cfg.attribute_logit_adjust).to(device)
     logger.info("training on %s", torch.cuda.get_device_name(device) if device.type == "cuda" else device)
     optimizer = build_optimizer(model, cfg, heads)
     steps_per_epoch = len(train_idx) // cfg.batch_size
+    look_pools = None
+    if cfg.look_pairs:
+        look_pools = {}
+        for i in train_idx:
+            look_pools.setdefault(look(products.attrs[i]), []).append(int(i))
+        look_pools = {k: np.asarray(v) for k, v in look_pools.items()}
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_idx)} training products cannot fill one batch of {cfg.batch_size}")
     scheduled = steps_per_epoch * cfg.epochs
@@ -523,7 +562,13 @@ def train(cfg: TrainCfg, columns: ColumnMap | None = None) -> Path:
     while step < total:
         epoch, position = divmod(step, steps_per_epoch)
         order = np.random.default_rng(cfg.seed * 31 + epoch).permutation(train_idx)
-        idx = order[position * cfg.batch_size:(position + 1) * cfg.batch_size]
+        if look_pools is None:
+            idx = order[position * cfg.batch_size:(position + 1) * cfg.batch_size]
+        else:
+            half = cfg.batch_size // 2
+            anchors = order[position * half:(position + 1) * half]
+            rng = np.random.default_rng([cfg.seed, 37, step])
+            idx = np.concatenate([anchors, look_partners(anchors, look_pools, products, order, rng)])
         tick = time.perf_counter()
         batch = make_batch(products, idx, cfg, step, hard_pool)
         losses = compute_loss(model, tokenizer, products, batch, image_cfg, cfg, step, heads)
