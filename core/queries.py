@@ -191,6 +191,22 @@ CODES_EVAL_SET = EVAL_SETS_DIR / "fashion-codes.jsonl"
 NAMES_EVAL_SET = EVAL_SETS_DIR / "fashion-names.jsonl"
 # One photo and one text query per look, looks drawn uniformly (`python -m training.make_balanced_sets`): the tail.
 BALANCED_EVAL_SET = EVAL_SETS_DIR / "fashion-balanced.jsonl"
+EVAL_SETS = (DEFAULT_EVAL_SET, CODES_EVAL_SET, NAMES_EVAL_SET, BALANCED_EVAL_SET)
+
+
+def evaluation_query_products(paths: Sequence[str | Path] = EVAL_SETS) -> set[str]:
+    """The products evaluation sets ask with: a photo query's product, and the product a text query was drawn
+    from where its line records it ("source_product_id"). Calibration keeps clear of them; a missing file
+    (another catalog's project) holds none."""
+    found: set[str] = set()
+    for path in paths:
+        if not Path(path).is_file():
+            continue
+        for line in Path(path).read_text().splitlines():
+            if line.strip():
+                item = json.loads(line)
+                found.update(str(item[k]) for k in ("image_product_id", "source_product_id") if k in item)
+    return found
 
 
 def query_set_text(lines: Sequence[Mapping]) -> str:

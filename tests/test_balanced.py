@@ -10,7 +10,16 @@ import pytest
 
 from core.catalog import read_catalog
 from core.metrics import grouped_metrics, retrieval_metrics
-from core.queries import BALANCED_EVAL_SET, LOOK_TEMPLATES, QuerySet, look, product_attributes, query_set_text
+from core.queries import (
+    BALANCED_EVAL_SET,
+    DEFAULT_EVAL_SET,
+    LOOK_TEMPLATES,
+    QuerySet,
+    evaluation_query_products,
+    look,
+    product_attributes,
+    query_set_text,
+)
 from training.data import split_indices
 from training.make_balanced_sets import balanced_lines
 
@@ -91,3 +100,22 @@ def test_the_committed_balanced_set_is_what_the_generator_writes(catalog_path):
     df, _ = read_catalog(catalog_path)
     lines = balanced_lines(df.to_dict("records"), looks=300, min_products=3, val_fraction=0.05, seed=0)
     assert BALANCED_EVAL_SET.read_text() == query_set_text(lines)
+
+
+def test_calibration_asks_with_no_product_an_evaluation_set_asks_with(catalog_path):
+    """The photo-query weight is chosen on held-out products that no committed evaluation set queries with:
+    the sets' photos (the popular-look set's and the balanced set's) come from the same held-out split."""
+    from training.calibrate import calibration_indices
+    from training.data import build_product_set
+
+    df, report = read_catalog(catalog_path)
+    products = build_product_set(df, None, report)
+    _, held_out = split_indices(products.ids, 0.05, 0)
+    chosen = calibration_indices(products, held_out)
+    asked = evaluation_query_products()
+    calibration = {products.ids[i] for i in chosen}
+    assert not calibration & asked
+    held = {products.ids[i] for i in held_out}
+    photos = set(QuerySet.load(DEFAULT_EVAL_SET).image_ids) | set(QuerySet.load(BALANCED_EVAL_SET).image_ids)
+    assert photos <= held  # what made the overlap real: evaluation photos are held-out products
+    assert calibration == held - asked and len(calibration) > len(held) // 2

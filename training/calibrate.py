@@ -4,8 +4,9 @@
 
 A photo query is fuse(w * image part, image part) ("image" mode, see ModelCfg.image_query): the
 image part in the text slot lets a photo match products whose *text* names what it shows, and
-w sets how much. No trained weight depends on w, so it is chosen after training, on the held-out
-products of the training split, by two measures a shopper notices:
+w sets how much. No trained weight depends on w, so it is chosen after training, on the calibration
+products (calibration_indices: the held-out split less every product an evaluation set asks with, so
+that no photo scored by training/eval_sets has chosen w), by two measures a shopper notices:
   own@1    the photo's own product ranks first (a shopper photographs what they want to re-buy)
   nDCG@10  the other products of the photo's article type and colour come next (similar items)
 The chosen w is the one with the best nDCG@10 among those keeping own@1 >= MIN_OWN_AT_1.
@@ -24,6 +25,7 @@ import torch
 
 from core.catalog import DEFAULT_CATALOG, read_catalog
 from core.metrics import rank, retrieval_metrics, without_query_products
+from core.queries import EVAL_SETS, evaluation_query_products
 
 from .data import ProductSet, build_product_set, photo_queries, split_indices
 from .encode import embed_image_parts, embed_products
@@ -33,6 +35,16 @@ from .model import ProductSearchModel
 logger = logging.getLogger(__name__)
 WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 MIN_OWN_AT_1 = 0.75
+
+
+def calibration_indices(products: ProductSet, held_out: np.ndarray, eval_sets=EVAL_SETS) -> np.ndarray:
+    """The held-out products less those any evaluation set asks with (its photo queries, the products its text
+    queries were drawn from): calibration and evaluation share no query product."""
+    asked = evaluation_query_products(eval_sets)
+    keep = np.array([products.ids[i] not in asked for i in held_out], dtype=bool)
+    logger.info("calibration products: %d held out, %d of them asked by evaluation sets and left out",
+                len(held_out), int((~keep).sum()))
+    return held_out[keep]
 
 
 @torch.no_grad()
@@ -58,7 +70,7 @@ def calibrate(model: ProductSearchModel, tokenizer, products: ProductSet, indice
 
 
 def calibrate_checkpoint(checkpoint: str | Path, catalog: str = DEFAULT_CATALOG, cache_dir: str = "cache") -> dict:
-    """Calibrate a saved checkpoint on its own held-out split and write the weight into its config."""
+    """Calibrate a saved checkpoint on its calibration products and write the weight into its config."""
     checkpoint = Path(checkpoint)
     config = load_checkpoint_config(checkpoint)
     train_cfg = config.get("train_cfg", {})
@@ -69,9 +81,11 @@ def calibrate_checkpoint(checkpoint: str | Path, catalog: str = DEFAULT_CATALOG,
     df, report = read_catalog(train_cfg.get("catalog", catalog), limit=train_cfg.get("limit") or None)
     products = build_product_set(df, image_cfg, report, cache_dir)
     _, held_out = split_indices(products.ids, train_cfg.get("val_fraction", 0.05), train_cfg.get("seed", 0))
-    chosen, rows = calibrate(model, tokenizer, products, held_out, image_cfg)
+    indices = calibration_indices(products, held_out)
+    chosen, rows = calibrate(model, tokenizer, products, indices, image_cfg)
     config["model_cfg"]["image_query_text_weight"] = chosen
-    config["image_query_calibration"] = {"chosen": chosen, "min_own_at_1": MIN_OWN_AT_1, "rows": rows}
+    config["image_query_calibration"] = {"chosen": chosen, "min_own_at_1": MIN_OWN_AT_1, "products": len(indices),
+                                         "rows": rows}
     tmp = checkpoint / (CONFIG_FILE + ".tmp")
     tmp.write_text(json.dumps(config, indent=2) + "\n")
     tmp.replace(checkpoint / CONFIG_FILE)

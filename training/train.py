@@ -34,7 +34,7 @@ from core.metrics import rank, retrieval_metrics, without_query_products
 from core.queries import Query, generate_queries, generate_query, look, relevant_ids
 
 from . import rundir
-from .calibrate import MIN_OWN_AT_1, calibrate
+from .calibrate import MIN_OWN_AT_1, calibrate, calibration_indices
 from .data import ProductSet, build_product_set, catalog_fingerprint, photo_queries, split_indices
 from .encode import (
     embed_image_queries,
@@ -602,10 +602,12 @@ def train(cfg: TrainCfg, columns: ColumnMap | None = None) -> Path:
             save(finished=step == scheduled)
     bar.close()
     if step == scheduled and model.cfg.multimodal and model.cfg.image_query == "image":
-        # How a photo becomes a query: chosen on the held-out products, no weight depends on it.
-        chosen, rows = calibrate(model, tokenizer, products, val_idx, image_cfg)
+        # How a photo becomes a query: chosen on held-out products no evaluation set asks with; no weight
+        # depends on it.
+        indices = calibration_indices(products, val_idx)
+        chosen, rows = calibrate(model, tokenizer, products, indices, image_cfg)
         model.cfg.image_query_text_weight = chosen
-        calibration.update({"chosen": chosen, "min_own_at_1": MIN_OWN_AT_1, "rows": rows})
+        calibration.update({"chosen": chosen, "min_own_at_1": MIN_OWN_AT_1, "products": len(indices), "rows": rows})
         logger.info("image query text weight %.2f (own@1 / nDCG@10 per weight: %s)", chosen,
                     ", ".join(f"{r['weight']}: {r['own@1']:.3f} / {r['ndcg@10']:.3f}" for r in rows))
         save(finished=True)
