@@ -275,7 +275,8 @@ def test_logit_adjusted_heads_favour_rare_labels_less(tmp_path, catalog_path):
 
 
 def test_look_pairs_training_runs_and_resumes_the_same(tmp_path, catalog_path):
-    cfg = _cfg(tmp_path, catalog=str(catalog_path), look_pairs=True, attribute_logit_adjust=1.0, max_steps=3)
+    cfg = _cfg(tmp_path, catalog=str(catalog_path), look_pairs=True, attribute_logit_adjust=1.0, attribute_scale=True,
+               max_steps=3)
     train(cfg)
     config = json.loads((Path(cfg.out) / "config.json").read_text())
     assert config["train_cfg"]["look_pairs"] is True
