@@ -64,10 +64,10 @@ def grouped_metrics(ranked: Sequence[Sequence[str]], relevant: Sequence[Sequence
     for i, group in enumerate(groups):
         if group is not None:
             by_group.setdefault(group, []).append(i)
-    macro: dict[str, float | int] = {"groups": len(by_group)}
+    macro: dict[str, float | int | None] = {"groups": len(by_group)}  # None: no query has a look (JSON null)
     for name in GROUP_METRICS:
         macro[name] = (float(np.mean([np.mean([scores[name][i] for i in members]) for members in by_group.values()]))
-                       if by_group else float("nan"))
+                       if by_group else None)
     sizes = [len(set(rel)) for rel in relevant]
     buckets = {}
     for low, high, label in RELEVANT_BUCKETS:
@@ -131,10 +131,12 @@ def format_groups(results: dict[str, dict]) -> str:
     for name, result in results.items():
         for kind, grouped in result.get("groups", {}).items():
             micro, macro = result["metrics"][kind], grouped["macro"]
+            ndcg, recall = (("-", "-") if macro["groups"] == 0 else
+                            (f"{macro['ndcg@10']:.3f} ({macro['groups']})", f"{macro['recall@100']:.3f}"))
             cells = [f"{b['ndcg@10']:.3f} ({b['queries']})" if b["queries"] else "-"
                      for b in (grouped["by_relevant"][label] for label in labels)]
-            lines.append(f"| {name} | {kind} | {micro['ndcg@10']:.3f} / {macro['ndcg@10']:.3f} ({macro['groups']}) | "
-                         f"{micro['recall@100']:.3f} / {macro['recall@100']:.3f} | " + " | ".join(cells) + " |")
+            lines.append(f"| {name} | {kind} | {micro['ndcg@10']:.3f} / {ndcg} | "
+                         f"{micro['recall@100']:.3f} / {recall} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -119,3 +119,13 @@ def test_calibration_asks_with_no_product_an_evaluation_set_asks_with(catalog_pa
     photos = set(QuerySet.load(DEFAULT_EVAL_SET).image_ids) | set(QuerySet.load(BALANCED_EVAL_SET).image_ids)
     assert photos <= held  # what made the overlap real: evaluation photos are held-out products
     assert calibration == held - asked and len(calibration) > len(held) // 2
+
+
+def test_a_set_without_looks_has_no_macro_average_and_says_so():
+    from core.metrics import format_groups
+
+    grouped = grouped_metrics([["a"]], [["a"]], [None])  # a code query: about one product, no look
+    assert grouped["macro"] == {"groups": 0, "ndcg@10": None, "recall@100": None}
+    json.dumps(grouped, allow_nan=False)  # valid JSON: no NaN
+    row = format_groups({"m": {"metrics": {"text": retrieval_metrics([["a"]], [["a"]])}, "groups": {"text": grouped}}})
+    assert "nan" not in row and "| 1.000 / - | 1.000 / - |" in row
