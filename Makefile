@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup system-deps demo page serve stop test test-fast bench lint clean
+.PHONY: setup system-deps demo page serve stop test test-fast bench long-tail lint clean
 
 setup:
 	./scripts/setup.sh
@@ -39,6 +39,17 @@ bench: setup system-deps
 	$(PY) bench/milvus_search.py --milvus-uri runs/milvus.db --model-repository model_repository
 	$(PY) bench/hybrid.py --milvus-uri runs/milvus.db
 	$(PY) bench/service.py
+
+# The long tail (bench/results/long_tail.md, probe.md): the demo's recipe and the look-pairs recipe trained on the
+# full catalog (runs/tail/, resumable; about 25 minutes each here), the supervised probe (20 minutes by the clock),
+# then one table with the untrained baseline, in process.
+TAIL_PAIRS := --look-pairs --attribute-logit-adjust 1.0 --attribute-scale
+long-tail: setup
+	$(PY) -m training.train --out runs/tail/mm3-concat
+	$(PY) -m training.train --out runs/tail/pairs-la $(TAIL_PAIRS)
+	$(PY) bench/probe.py --minutes 20
+	$(PY) bench/long_tail.py --checkpoint "mm3-concat, 1 epoch (make demo)=runs/tail/mm3-concat" \
+		--checkpoint "+ look pairs, adjusted and scaled heads=runs/tail/pairs-la" --untrained mm3-concat
 
 lint: setup
 	.venv/bin/ruff check .
