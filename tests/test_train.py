@@ -281,3 +281,14 @@ def test_look_pairs_training_runs_and_resumes_the_same(tmp_path, catalog_path):
     config = json.loads((Path(cfg.out) / "config.json").read_text())
     assert config["train_cfg"]["look_pairs"] is True
     assert config["train_cfg"]["attribute_logit_adjust"] == 1.0
+
+
+def test_calibration_without_a_photo_keeps_the_weight_and_says_so(catalog_path, caplog):
+    from training.calibrate import calibrate
+    model, tokenizer = create_model("test-tiny"), create_tokenizer("test-tiny")
+    df, report = read_catalog(str(catalog_path), limit=16)
+    image_cfg = preprocess_config(model.cfg)["image"]
+    products = build_product_set(df, image_cfg, report)
+    weight, rows = calibrate(model, tokenizer, products, np.array([], dtype=np.int64), image_cfg)
+    assert weight == model.cfg.image_query_text_weight and rows == []
+    assert "uncalibrated" in caplog.text

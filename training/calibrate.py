@@ -50,11 +50,19 @@ def calibration_indices(products: ProductSet, held_out: np.ndarray, eval_sets=EV
 @torch.no_grad()
 def calibrate(model: ProductSearchModel, tokenizer, products: ProductSet, indices: np.ndarray,
               image_cfg: dict) -> tuple[float, list[dict]]:
-    """(chosen weight, one row of measures per weight) on the products `indices` (held out)."""
+    """(chosen weight, one row of measures per weight) on the products `indices` (held out).
+
+    Without a photo among them (a small catalog slice), the weight stays as configured, no rows, and a warning.
+    """
     model.eval()
+    photos, same_look = photo_queries(products, indices)
+    if not len(photos):
+        weight = model.cfg.image_query_text_weight
+        logger.warning("no photo among the %d calibration products: the photo-query weight stays %.2f, "
+                       "uncalibrated", len(indices), weight)
+        return weight, []
     ids = [products.ids[i] for i in indices]
     product_emb = embed_products(model, tokenizer, products, image_cfg, indices)
-    photos, same_look = photo_queries(products, indices)
     image = embed_image_parts(model, products.pixels[photos], image_cfg)  # once; only the query side varies
     photo_ids = [products.ids[i] for i in photos]
     rows = []
