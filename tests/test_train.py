@@ -237,14 +237,12 @@ def test_cli_help_and_overrides(tmp_path, capsys):
 
 def test_look_partners_share_the_anchor_look(tmp_path, catalog_path):
     from core.queries import look
+    from training.data import group_indices
     from training.train import look_partners
     df, report = read_catalog(str(catalog_path), limit=240)
     products = build_product_set(df, None, report)
     train_idx = np.arange(len(products))
-    pools = {}
-    for i in train_idx:
-        pools.setdefault(look(products.attrs[i]), []).append(int(i))
-    pools = {k: np.asarray(v) for k, v in pools.items()}
+    pools = group_indices(products, train_idx, look)
     anchors = train_idx[:120]
     partners = look_partners(anchors, pools, products, train_idx, np.random.default_rng(0))
     for a, b in zip(anchors, partners):
@@ -289,6 +287,6 @@ def test_calibration_without_a_photo_keeps_the_weight_and_says_so(catalog_path, 
     df, report = read_catalog(str(catalog_path), limit=16)
     image_cfg = preprocess_config(model.cfg)["image"]
     products = build_product_set(df, image_cfg, report)
-    weight, rows = calibrate(model, tokenizer, products, np.array([], dtype=np.int64), image_cfg)
-    assert weight == model.cfg.image_query_text_weight and rows == []
+    record = calibrate(model, tokenizer, products, np.array([], dtype=np.int64), image_cfg)
+    assert record["chosen"] == model.cfg.image_query_text_weight and record["rows"] == [] and record["products"] == 0
     assert "uncalibrated" in caplog.text

@@ -48,19 +48,22 @@ def calibration_indices(products: ProductSet, held_out: np.ndarray, eval_sets=EV
 
 
 @torch.no_grad()
-def calibrate(model: ProductSearchModel, tokenizer, products: ProductSet, indices: np.ndarray,
-              image_cfg: dict) -> tuple[float, list[dict]]:
-    """(chosen weight, one row of measures per weight) on the products `indices` (held out).
+def calibrate(model: ProductSearchModel, tokenizer, products: ProductSet, held_out: np.ndarray,
+              image_cfg: dict) -> dict:
+    """The calibration record: the chosen weight, MIN_OWN_AT_1, how many products it was chosen on (the
+    `held_out` products that calibration_indices keeps) and one row of measures per weight.
 
     Without a photo among them (a small catalog slice), the weight stays as configured, no rows, and a warning.
     """
     model.eval()
+    indices = calibration_indices(products, held_out)
+    record = {"chosen": model.cfg.image_query_text_weight, "min_own_at_1": MIN_OWN_AT_1, "products": len(indices),
+              "rows": []}
     photos, same_look = photo_queries(products, indices)
     if not len(photos):
-        weight = model.cfg.image_query_text_weight
         logger.warning("no photo among the %d calibration products: the photo-query weight stays %.2f, "
-                       "uncalibrated", len(indices), weight)
-        return weight, []
+                       "uncalibrated", len(indices), record["chosen"])
+        return record
     ids = [products.ids[i] for i in indices]
     product_emb = embed_products(model, tokenizer, products, image_cfg, indices)
     image = embed_image_parts(model, products.pixels[photos], image_cfg)  # once; only the query side varies
@@ -73,8 +76,7 @@ def calibrate(model: ProductSearchModel, tokenizer, products: ProductSet, indice
         metrics = retrieval_metrics(others, relevant)
         rows.append({"weight": w, "own@1": own, "ndcg@10": metrics["ndcg@10"], "recall@100": metrics["recall@100"]})
     eligible = [r for r in rows if r["own@1"] >= MIN_OWN_AT_1] or rows
-    chosen = max(eligible, key=lambda r: r["ndcg@10"])["weight"]
-    return chosen, rows
+    return {**record, "chosen": max(eligible, key=lambda r: r["ndcg@10"])["weight"], "rows": rows}
 
 
 def calibrate_checkpoint(checkpoint: str | Path, catalog: str = DEFAULT_CATALOG, cache_dir: str = "cache") -> dict:
@@ -89,18 +91,17 @@ def calibrate_checkpoint(checkpoint: str | Path, catalog: str = DEFAULT_CATALOG,
     df, report = read_catalog(train_cfg.get("catalog", catalog), limit=train_cfg.get("limit") or None)
     products = build_product_set(df, image_cfg, report, cache_dir)
     _, held_out = split_indices(products.ids, train_cfg.get("val_fraction", 0.05), train_cfg.get("seed", 0))
-    indices = calibration_indices(products, held_out)
-    chosen, rows = calibrate(model, tokenizer, products, indices, image_cfg)
+    record = calibrate(model, tokenizer, products, held_out, image_cfg)
+    chosen, rows = record["chosen"], record["rows"]
     config["model_cfg"]["image_query_text_weight"] = chosen
-    config["image_query_calibration"] = {"chosen": chosen, "min_own_at_1": MIN_OWN_AT_1, "products": len(indices),
-                                         "rows": rows}
+    config["image_query_calibration"] = record
     tmp = checkpoint / (CONFIG_FILE + ".tmp")
     tmp.write_text(json.dumps(config, indent=2) + "\n")
     tmp.replace(checkpoint / CONFIG_FILE)
     for row in rows:
         logger.info("image query text weight %.2f: own@1 %.3f, nDCG@10 %.3f, R@100 %.3f%s", row["weight"],
                     row["own@1"], row["ndcg@10"], row["recall@100"], "  <- chosen" if row["weight"] == chosen else "")
-    return config["image_query_calibration"]
+    return record
 
 
 def main(argv: list[str] | None = None) -> None:

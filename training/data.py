@@ -114,6 +114,14 @@ def split_indices(ids: list[str], val_fraction: float, seed: int) -> tuple[np.nd
     return np.flatnonzero(~val), np.flatnonzero(val)
 
 
+def group_indices(products: ProductSet, indices: np.ndarray, key) -> dict:
+    """`indices` grouped by `key(attrs)` of each product, in order: key -> list of indices."""
+    groups: dict = {}
+    for i in indices:
+        groups.setdefault(key(products.attrs[i]), []).append(int(i))
+    return groups
+
+
 def photo_queries(products: ProductSet, indices: np.ndarray) -> tuple[np.ndarray, list[list[str]]]:
     """The products among `indices` that have a photo (the photo queries), and for each the ids of the
     products among `indices` of the same look (core.queries.look), its own included."""

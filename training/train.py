@@ -34,8 +34,8 @@ from core.metrics import rank, retrieval_metrics, without_query_products
 from core.queries import Query, generate_queries, generate_query, look, relevant_ids
 
 from . import rundir
-from .calibrate import MIN_OWN_AT_1, calibrate, calibration_indices
-from .data import ProductSet, build_product_set, catalog_fingerprint, photo_queries, split_indices
+from .calibrate import calibrate
+from .data import ProductSet, build_product_set, catalog_fingerprint, group_indices, photo_queries, split_indices
 from .encode import (
     embed_image_queries,
     embed_products,
@@ -313,7 +313,7 @@ class Batch:
     products: np.ndarray  # indices into the ProductSet: positives first, then hard negatives
 
 
-def look_partners(anchors: np.ndarray, pools: dict[tuple[str, str], np.ndarray], products: ProductSet,
+def look_partners(anchors: np.ndarray, pools: dict[tuple[str, str], list[int]], products: ProductSet,
                   fallback: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """One partner per anchor: another product of its look from `pools` (look -> training products), or, for a
     look with no other training product, a product drawn from `fallback`."""
@@ -491,11 +491,8 @@ def train(cfg: TrainCfg, columns: ColumnMap | None = None) -> Path:
     validation = Validation.build(products, val_idx, cfg)
     logger.info("%d training products, %d validation products, %d validation queries",
                 len(train_idx), len(val_idx), len(validation.queries))
-    hard_pool = None
-    if cfg.hard_negatives:
-        hard_pool = {}
-        for i in train_idx:
-            hard_pool.setdefault(products.attrs[i]["article_type"], []).append(int(i))
+    hard_pool = group_indices(products, train_idx, lambda a: a["article_type"]) if cfg.hard_negatives else None
+    look_pools = group_indices(products, train_idx, look) if cfg.look_pairs else None
 
     torch.manual_seed(cfg.seed)  # the random init of the new parts
     device = resolve_device(cfg.device)
@@ -509,12 +506,6 @@ def train(cfg: TrainCfg, columns: ColumnMap | None = None) -> Path:
     logger.info("training on %s", torch.cuda.get_device_name(device) if device.type == "cuda" else device)
     optimizer = build_optimizer(model, cfg, heads)
     steps_per_epoch = len(train_idx) // cfg.batch_size
-    look_pools = None
-    if cfg.look_pairs:
-        look_pools = {}
-        for i in train_idx:
-            look_pools.setdefault(look(products.attrs[i]), []).append(int(i))
-        look_pools = {k: np.asarray(v) for k, v in look_pools.items()}
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_idx)} training products cannot fill one batch of {cfg.batch_size}")
     scheduled = steps_per_epoch * cfg.epochs
@@ -609,12 +600,10 @@ def train(cfg: TrainCfg, columns: ColumnMap | None = None) -> Path:
     if step == scheduled and model.cfg.multimodal and model.cfg.image_query == "image":
         # How a photo becomes a query: chosen on held-out products no evaluation set asks with; no weight
         # depends on it.
-        indices = calibration_indices(products, val_idx)
-        chosen, rows = calibrate(model, tokenizer, products, indices, image_cfg)
-        model.cfg.image_query_text_weight = chosen
-        calibration.update({"chosen": chosen, "min_own_at_1": MIN_OWN_AT_1, "products": len(indices), "rows": rows})
-        logger.info("image query text weight %.2f (own@1 / nDCG@10 per weight: %s)", chosen,
-                    ", ".join(f"{r['weight']}: {r['own@1']:.3f} / {r['ndcg@10']:.3f}" for r in rows))
+        calibration.update(calibrate(model, tokenizer, products, val_idx, image_cfg))
+        model.cfg.image_query_text_weight = calibration["chosen"]
+        logger.info("image query text weight %.2f (own@1 / nDCG@10 per weight: %s)", calibration["chosen"],
+                    ", ".join(f"{r['weight']}: {r['own@1']:.3f} / {r['ndcg@10']:.3f}" for r in calibration["rows"]))
         save(finished=True)
     if not state_file.is_file():
         save(finished=step == scheduled)
