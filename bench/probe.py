@@ -64,34 +64,31 @@ def train_probe(pixels: np.ndarray, labels: dict[str, np.ndarray], train_idx: np
     steps_per_epoch = len(train_idx) // args.batch_size
     planned = steps_per_epoch * args.epochs if args.epochs else None
     budget = args.minutes * 60
-    started, step, epoch = time.time(), 0, 0
+    started, step = time.time(), 0
     bar = tqdm(desc="probe", unit="step", total=planned, mininterval=2, disable=None)
     gen = torch.Generator().manual_seed(args.seed)
     split = np.cumsum([classes[a] for a in ATTRIBUTES])[:-1]
     while True:
-        order = rng.permutation(train_idx)
-        for b in range(steps_per_epoch):
-            # The schedule: cosine over the planned steps, or over the time budget when training by the clock.
-            progress = step / planned if planned else (time.time() - started) / budget
-            if progress >= 1:
-                break
-            for group in opt.param_groups:
-                group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * progress))
-            idx = order[b * args.batch_size:(b + 1) * args.batch_size]
-            x = augment_pixels(pixel_tensor(pixels[idx], image_cfg, device), gen, 0.6)
-            logits = torch.tensor_split(net(x), split.tolist(), dim=1)
-            loss = sum(F.cross_entropy(z, torch.from_numpy(labels[a][idx]).to(device), ignore_index=-1)
-                       for a, z in zip(ATTRIBUTES, logits)) / len(ATTRIBUTES)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch)
-        else:
-            epoch += 1
-            continue
-        break
+        # The schedule: cosine over the planned steps, or over the time budget when training by the clock.
+        progress = step / planned if planned else (time.time() - started) / budget
+        if progress >= 1:
+            break
+        epoch, b = divmod(step, steps_per_epoch)
+        if b == 0:
+            order = rng.permutation(train_idx)
+        for group in opt.param_groups:
+            group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * progress))
+        idx = order[b * args.batch_size:(b + 1) * args.batch_size]
+        x = augment_pixels(pixel_tensor(pixels[idx], image_cfg, device), gen, 0.6)
+        logits = torch.tensor_split(net(x), split.tolist(), dim=1)
+        loss = sum(F.cross_entropy(z, torch.from_numpy(labels[a][idx]).to(device), ignore_index=-1)
+                   for a, z in zip(ATTRIBUTES, logits)) / len(ATTRIBUTES)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch)
     bar.close()
     minutes = round((time.time() - started) / 60, 1)
     return net, {"steps": step, "epochs": round(step / steps_per_epoch, 2), "minutes": minutes, "classes": classes}
@@ -118,14 +115,9 @@ def score_set(path: Path, products, labels: dict[str, np.ndarray], net, image_cf
     idx = np.array([i for i, _, _ in rows])
     log_p = label_log_probs(net, products.pixels[idx], image_cfg, classes, device)
     ids = np.array(products.ids)
-    ranked = []
-    for k in range(len(idx)):
-        score = np.zeros(len(ids), dtype=np.float32)
-        for a in ATTRIBUTES:
-            known = labels[a] >= 0
-            score += np.where(known, log_p[a][k][np.maximum(labels[a], 0)], -1e4)
-        top = np.argsort(-score, kind="stable")[:101]
-        ranked.append(ids[top].tolist())
+    # (queries, products): each product's labels' log-probability for each photo; an unseen label ranks last.
+    score = sum(np.where(labels[a] >= 0, log_p[a][:, np.maximum(labels[a], 0)], -1e4) for a in ATTRIBUTES)
+    ranked = ids[np.argsort(-score, axis=1, kind="stable")[:, :101]].tolist()
     query_ids = [products.ids[i] for i in idx]
     ranked, relevant = without_query_products(ranked, [r for _, r, _ in rows], query_ids, 100)
     accuracy = {a: float(np.mean(log_p[a].argmax(1) == labels[a][idx])) for a in ATTRIBUTES}
