@@ -71,11 +71,11 @@ import numpy as np  # noqa: E402
 from client import serving, store  # noqa: E402
 from client.encoder import TritonEncoder  # noqa: E402
 from client.milvus_server import MilvusServer, MilvusServerError  # noqa: E402
+from client.page_process import PageServer  # noqa: E402
 from client.search import FACET_DEPTH  # noqa: E402
 from core.catalog import DEFAULT_CATALOG, ImageFetcher, read_catalog  # noqa: E402
 from core.metrics import percentiles  # noqa: E402
 from core.queries import CODES_EVAL_SET, DEFAULT_EVAL_SET, NAMES_EVAL_SET, QuerySet  # noqa: E402
-from core.server_process import ServerProcess  # noqa: E402
 from export.serve import TritonServer, free_port  # noqa: E402
 
 logger = logging.getLogger("bench.service")
@@ -189,48 +189,6 @@ def our_children() -> Role:
 
 
 # -- the page and its metrics ---------------------------------------------------------------------------------------
-
-@dataclass
-class PageServer(ServerProcess):
-    """client/app.py in a session of its own: `with PageServer(...)` starts it and waits until /api/health is 200."""
-
-    name = "search page"
-    error = RuntimeError
-    start_timeout_s = 240.0
-    stop_timeout_s = 20.0
-
-    triton_url: str = "127.0.0.1:8001"
-    milvus_uri: str = str(ROOT / "runs" / "milvus.db")
-    catalog: str = DEFAULT_CATALOG
-    collection: str = store.COLLECTION
-    timeout_s: float = 5.0
-    port: int = 8080
-    log_file: Path | None = None
-    max_searches: int | None = None  # None: the page's default
-    process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def address(self) -> str:
-        return f"at {self.url} (Milvus {self.milvus_uri})"
-
-    def command(self) -> tuple[list[str], dict, Path]:
-        env = dict(os.environ)
-        env.pop("MILVUS_URI", None)  # pymilvus reads it at import and refuses a Lite path in it
-        args = [sys.executable, "client/app.py", "--triton-url", self.triton_url, "--milvus-uri", self.milvus_uri,
-                "--collection", self.collection, "--catalog", self.catalog, "--port", str(self.port),
-                "--timeout", str(self.timeout_s)]
-        if self.max_searches is not None:
-            args += ["--max-searches", str(self.max_searches)]
-        return args, env, ROOT
-
-    def ready(self) -> bool:
-        with urllib.request.urlopen(f"{self.url}/api/health", timeout=10) as response:
-            return response.status == 200
-
 
 def scrape(url: str) -> dict[str, float]:
     """The page's counters: "sum:STAGE:KIND" and "count:STAGE:KIND" of the stage histogram, "errors:CLASS",

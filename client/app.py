@@ -8,7 +8,11 @@ API (OpenAPI schema at /docs and /openapi.json):
     POST /api/search/image   (multipart: file, plus the same filters as form fields)
     GET  /api/health         which dependency is unhealthy, answered within the timeouts
     GET  /images/{id}        the product's photo from the catalog (bytes, path or URL), cacheable
-    GET  /metrics            Prometheus: latency per stage, errors by class, the served model's fingerprint
+    POST /api/events         shoppers' events in UBI terms: {"action_name": "click", "query_id": ..., "object_id": ...,
+                             "position": 3}, or a list of them; each names a query_id a search response returned
+    GET  /metrics            Prometheus: latency per stage, errors by class, the served model's fingerprint,
+                             impressions and events by position and model (CTR)
+Every search is logged with its query_id, model, collection and served products (client/events.py), unless --events ''.
 Errors are JSON {"error": "..."}: 400 bad input, 413 upload too large, 503 Triton or Milvus down (or the
 page overloaded: searches run --max-searches at a time, and a search that waited --timeout for its turn is refused).
 No torch: tritonclient, pymilvus, fastapi.
@@ -20,6 +24,7 @@ import argparse
 import hashlib
 import json
 import logging
+import random
 import sys
 import threading
 import time
@@ -34,12 +39,14 @@ from fastapi import FastAPI, File, Form, Query, Request, UploadFile  # noqa: E40
 from fastapi.exception_handlers import request_validation_exception_handler  # noqa: E402
 from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response  # noqa: E402
+from starlette.concurrency import run_in_threadpool  # noqa: E402
 
 from client import serving, store  # noqa: E402
 from client.admission import Overloaded, Slots, usable_cpus  # noqa: E402
 from client.connection import add_connection_args  # noqa: E402
 from client.deadlines import whole_seconds  # noqa: E402
 from client.encoder import EncoderUnavailable, EncodingError, TritonEncoder  # noqa: E402
+from client.events import MAX_ID_CHARS, MAX_QUERIES, RETENTION_DAYS, Event, EventError, EventStore  # noqa: E402
 from client.filters import filter_expression  # noqa: E402
 from client.fusion import MODES  # noqa: E402
 from client.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE  # noqa: E402
@@ -57,6 +64,8 @@ MAX_QUERY_CHARS = 1000  # a query longer than this is not a search: a 400, befor
 # (bench/results/service.md); where searches mostly wait on remote servers, more cores come with more slots.
 # A container's CPU limit counts, not the node's cores.
 MAX_SEARCHES = 2 * usable_cpus()
+DEFAULT_EVENTS = "runs/events.db"
+EXPLORE_DEPTH = 10  # an explored search shows its top this-many in a random order (client/events.py, clickmodels)
 IMAGE_TYPES = {b"\xff\xd8": "image/jpeg", b"\x89P": "image/png", b"RI": "image/webp", b"GI": "image/gif"}
 
 
@@ -288,8 +297,8 @@ class CatalogImages:
             return None
 
 
-def _hits(result: SearchResult) -> dict:
-    return {"query": result.query, "mode": result.mode, "notice": result.notice,
+def _hits(result: SearchResult, query_id: str | None) -> dict:
+    return {"query_id": query_id, "query": result.query, "mode": result.mode, "notice": result.notice,
             "embed_ms": round(result.embed_ms, 2), "search_ms": round(result.search_ms, 2),
             "hits": [{**asdict(h), "image_url": f"/images/{h.product_id}"} for h in result.hits],
             "facets": {name: [{"value": v, "count": n} for v, n in values] for name, values in result.facets.items()}}
@@ -349,9 +358,21 @@ class BodyLimit:
         await self.app(scope, limited_receive, tracking_send)
 
 
+def _shopper_id(name: str, value: str | None) -> str | None:
+    if value is not None and len(value) > MAX_ID_CHARS:
+        raise ApiError(400, f"{name} too long: the limit is {MAX_ID_CHARS} characters")
+    return value or None
+
+
 def create_app(backend: Backend, images: CatalogImages, max_upload_bytes: int = MAX_UPLOAD_BYTES,
-               max_searches: int = MAX_SEARCHES) -> FastAPI:
-    """The page and API. `max_searches` searches run at once, the rest wait in arrival order (0: no limit)."""
+               max_searches: int = MAX_SEARCHES, events: EventStore | None = None, explore_share: float = 0.0,
+               seed: int | None = None) -> FastAPI:
+    """The page and API. `max_searches` searches run at once, the rest wait in arrival order (0: no limit).
+    `events`: where searches and shoppers' events are logged (None: nothing is). `explore_share`: the share of
+    searches whose top EXPLORE_DEPTH results are shown in a random order, recorded with the query, so a click
+    model can tell position from attractiveness (core/clickmodels.py)."""
+    if not 0.0 <= explore_share <= 1.0:
+        raise ValueError(f"explore_share is a share of searches, in [0, 1], not {explore_share}")
     app = FastAPI(title="mmsearch", description="Multimodal product search: text or photo to products.",
                   version="0.1.0")
     # Multipart framing and form fields come on top of the photo itself.
@@ -373,6 +394,36 @@ def create_app(backend: Backend, images: CatalogImages, max_upload_bytes: int = 
 
     # Waiting for a slot is bounded by the page's deadline too: past it, the shopper hears the page is overloaded.
     slots = Slots(max_searches, backend.timeout_s) if max_searches > 0 else None
+    rng = random.Random(seed)
+    rng_lock = threading.Lock()
+
+    def explored(result: SearchResult) -> bool:
+        """Shuffles the top EXPLORE_DEPTH hits of an `explore_share` of searches; whether it did."""
+        with rng_lock:
+            if explore_share == 0.0 or rng.random() >= explore_share:
+                return False
+            top = result.hits[:EXPLORE_DEPTH]
+            rng.shuffle(top)
+        result.hits[:EXPLORE_DEPTH] = top
+        return True
+
+    def logged(kind: str, user_query: str, result: SearchResult, attributes: dict, client_id: str | None,
+               session_id: str | None) -> str | None:
+        """The query_id of a served search, logged with what it showed; None when logging is off or failed (the
+        search is still answered: a failing store is counted and logged, never the shopper's problem)."""
+        if events is None:
+            return None
+        if explored(result):
+            attributes["explore"] = f"shuffle-top-{EXPLORE_DEPTH}"
+        try:
+            query_id = events.log_query(kind, user_query, attributes, result.model, result.collection,
+                                        [h.product_id for h in result.hits], client_id, session_id)
+        except Exception:  # noqa: BLE001  (disk full, locked past its deadline: the search itself succeeded)
+            logger.warning("the event store failed to log a search", exc_info=True)
+            metrics.error("event_store")
+            return None
+        metrics.impressions(result.model, len(result.hits))
+        return query_id
 
     def searched(kind: str, text: str | None, image_data: bytes | None, k: int, expression: str,
                  mode: str = "hybrid") -> SearchResult:
@@ -419,20 +470,28 @@ def create_app(backend: Backend, images: CatalogImages, max_upload_bytes: int = 
                                       description="hybrid: BM25 and dense fused; dense: embeddings; lexical: BM25"),
                     category: str | None = None, article_type: str | None = None, colour: str | None = None,
                     gender: str | None = None, usage: str | None = None,
-                    min_price: float | None = None, max_price: float | None = None) -> dict:
+                    min_price: float | None = None, max_price: float | None = None,
+                    client_id: str | None = Query(None, description="the shopper's browser or app (UBI client_id)"),
+                    session_id: str | None = Query(None, description="the shopper's visit (UBI session_id)")) -> dict:
         if not q.strip():
             raise ApiError(400, "empty query: type some words to search for")
         if len(q) > MAX_QUERY_CHARS:
             raise ApiError(400, f"query too long: {len(q):,} characters, the limit is {MAX_QUERY_CHARS:,}")
+        client_id, session_id = _shopper_id("client_id", client_id), _shopper_id("session_id", session_id)
         expression = _filters(category=category, article_type=article_type, colour=colour, gender=gender,
                               usage=usage, min_price=min_price, max_price=max_price)
-        return JSONResponse(_hits(searched("text", q, None, k, expression, mode)))
+        result = searched("text", q, None, k, expression, mode)
+        query_id = logged("text", q, result, {"mode": result.mode, "k": k, "filter": expression},
+                          client_id, session_id)
+        return JSONResponse(_hits(result, query_id))
 
     @app.post("/api/search/image", summary="Search with a photo (JPEG, PNG or WebP)")
     def search_image(file: UploadFile = File(..., description="the photo"), k: int = Form(12, ge=1, le=100),
                      category: str | None = Form(None), article_type: str | None = Form(None),
                      colour: str | None = Form(None), gender: str | None = Form(None),
-                     min_price: float | None = Form(None), max_price: float | None = Form(None)) -> dict:
+                     min_price: float | None = Form(None), max_price: float | None = Form(None),
+                     client_id: str | None = Form(None), session_id: str | None = Form(None)) -> dict:
+        client_id, session_id = _shopper_id("client_id", client_id), _shopper_id("session_id", session_id)
         data = file.file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
             raise ApiError(413, f"upload too large: the limit is {max_upload_bytes // (1024 * 1024)} MB")
@@ -442,7 +501,32 @@ def create_app(backend: Backend, images: CatalogImages, max_upload_bytes: int = 
                               min_price=min_price, max_price=max_price)
         result = searched("image", None, data, k, expression)
         result.query = file.filename or "<image>"
-        return JSONResponse(_hits(result))
+        # A photo is logged by its name and digest, not its bytes: the log stays small, and the same photo
+        # searched twice is recognisably one query.
+        user_query = f"{result.query} sha1:{hashlib.sha1(data).hexdigest()[:16]}"
+        query_id = logged("image", user_query, result, {"mode": result.mode, "k": k, "filter": expression},
+                          client_id, session_id)
+        return JSONResponse(_hits(result, query_id))
+
+    @app.post("/api/events", summary="Log shoppers' events (UBI): one event or a list")
+    async def log_events(request: Request) -> JSONResponse:
+        """Each event names a query_id a search response returned, and the object_id and position it served
+        there. All of a request's events are logged, durably, before the answer, or none are (400 unreadable
+        JSON, 422 an event refused, with the reason)."""
+        if events is None:
+            raise ApiError(503, "event logging is off on this page (started with --events '')", "event_store")
+        try:
+            body = json.loads(await request.body() or b"null")
+        except ValueError as exc:
+            raise ApiError(400, f"events are JSON: {exc}") from None
+        try:
+            parsed = [Event.parse(item) for item in (body if isinstance(body, list) else [body])]
+            served = await run_in_threadpool(events.log_events, parsed)
+        except EventError as exc:
+            raise ApiError(422, str(exc)) from None
+        for event, query in zip(parsed, served):
+            metrics.event(event.action_name, query.model, event.position)
+        return JSONResponse({"logged": len(parsed)})
 
     @app.get("/images/{product_id}", summary="A product's photo, from the catalog")
     def image(product_id: str, request: Request) -> Response:
@@ -473,6 +557,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-searches", type=int, default=MAX_SEARCHES,
                    help="searches run at once; more wait their turn in arrival order, each at most --timeout "
                         "seconds (then 503: overloaded); 0: every request thread searches at once")
+    p.add_argument("--events", default=DEFAULT_EVENTS,
+                   help="SQLite file where searches and shoppers' events are logged, shared by every page worker on "
+                        "this host; '' logs nothing (responses then carry query_id null and /api/events answers 503)")
+    p.add_argument("--events-retention-days", type=float, default=RETENTION_DAYS,
+                   help="queries (and their events) older than this are deleted")
+    p.add_argument("--events-max-queries", type=int, default=MAX_QUERIES,
+                   help="at most this many queries are kept, the newest, with their events")
+    p.add_argument("--explore-share", type=float, default=0.0,
+                   help="share of searches (0 to 1) whose top results are shown in a random order and logged as "
+                        "such, so position bias can be estimated from the logs (core/clickmodels.py)")
     add_connection_args(p)
     ColumnMap.add_arguments(p)
     return p.parse_args(argv)
@@ -490,7 +584,11 @@ def main(argv: list[str] | None = None) -> None:
                       (args.token, args.user, args.password))
     print(f"search page: http://{args.host}:{args.port}/  (API docs: http://{args.host}:{args.port}/docs)",
           flush=True)
-    app = create_app(backend, images, args.max_upload_mb * 1024 * 1024, args.max_searches)
+    events = (EventStore(args.events, args.events_retention_days, args.events_max_queries)
+              if args.events else None)
+    logger.info("event log: %s", events.path if events else "off (--events '')")
+    app = create_app(backend, images, args.max_upload_mb * 1024 * 1024, args.max_searches, events,
+                     args.explore_share)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 

@@ -14,7 +14,8 @@ from prometheus_client.core import CounterMetricFamily
 from client.encoder import resends
 
 STAGES = ("queue", "embed", "search", "total")  # queue: waiting for a search slot (client/app.py MAX_SEARCHES)
-ERROR_CLASSES = ("bad_input", "triton", "milvus", "overload", "internal")
+ERROR_CLASSES = ("bad_input", "triton", "milvus", "overload", "event_store", "internal")
+POSITIONS = 20  # impressions and events are counted per position up to this; later ones share the label "21+"
 # Seconds: a search here is ~5-25 ms on the CPU flavour; seconds-long ones are outages.
 BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -45,6 +46,10 @@ class Metrics:
                 self.latency.labels(stage, kind)
         for error_class in ERROR_CLASSES:
             self.errors.labels(error_class)
+        self.shown = Counter("mmsearch_impressions", "Results served, by position (1-based) and model",
+                             ["position", "model"], registry=self.registry)
+        self.actions = Counter("mmsearch_events", "Shoppers' events logged (UBI action_name), by position and model",
+                               ["action", "position", "model"], registry=self.registry)
         self._fingerprint: str | None = None
 
     def observe(self, kind: str, embed_s: float, search_s: float, total_s: float) -> None:
@@ -58,6 +63,13 @@ class Metrics:
     def error(self, error_class: str) -> None:
         self.errors.labels(error_class).inc()
 
+    def impressions(self, model: str, served: int) -> None:
+        for position in range(1, served + 1):
+            self.shown.labels(_position(position), model).inc()
+
+    def event(self, action: str, model: str, position: int) -> None:
+        self.actions.labels(action, _position(position), model).inc()
+
     def served_model(self, fingerprint: str) -> None:
         if fingerprint != self._fingerprint:
             if self._fingerprint is not None:
@@ -67,3 +79,7 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _position(position: int) -> str:
+    return str(position) if position <= POSITIONS else f"{POSITIONS + 1}+"

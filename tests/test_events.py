@@ -1,0 +1,230 @@
+"""Shoppers' events against the real page, Triton and Milvus: every search answers with its query_id and is logged
+with what it served; events are checked against it; two page processes share one store; a kill -9 of the page
+during a burst loses no acknowledged event."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+
+from client.app import EXPLORE_DEPTH, Backend, CatalogImages, create_app
+from client.events import EventStore
+from client.index import Indexer
+from client.milvus_server import MilvusServer
+from client.page_process import PageServer
+from core.catalog import read_catalog
+from export.serve import free_port
+
+pytestmark = pytest.mark.server
+N_PAGE_PRODUCTS = 120  # indexed into the served Milvus the page processes share
+
+
+@pytest.fixture(scope="module")
+def backend(triton, milvus_path, indexed):
+    return Backend(triton.grpc_url, "grpc", milvus_path, "products", 5.0, (None, None, None))
+
+
+@pytest.fixture(scope="module")
+def images(catalog_path):
+    return CatalogImages(str(catalog_path), None)
+
+
+@pytest.fixture
+def logged_api(backend, images, tmp_path):
+    from fastapi.testclient import TestClient
+
+    store = EventStore(tmp_path / "events.db")
+    return TestClient(create_app(backend, images, events=store)), store
+
+
+def test_a_search_answers_with_its_query_id_and_logs_what_it_served(logged_api, catalog_path):
+    api, store = logged_api
+    body = api.get("/api/search", params={"q": "blue shirt", "k": 5, "gender": "Men", "client_id": "browser-1",
+                                          "session_id": "visit-1"}).json()
+    (query,) = store.queries()
+    assert body["query_id"] == query.query_id
+    assert query.hit_ids == [h["product_id"] for h in body["hits"]] and len(query.hit_ids) == 5
+    assert (query.kind, query.user_query, query.client_id, query.session_id) == ("text", "blue shirt", "browser-1",
+                                                                                 "visit-1")
+    assert query.attributes["filter"] == 'gender == "Men"' and query.attributes["mode"] == "hybrid"
+    assert re.fullmatch(r"[0-9a-f]{12}-\w+", query.model) and query.collection  # who served it
+    products, _ = read_catalog(catalog_path, limit=5)
+    photo = api.post("/api/search/image", files={"file": ("mine.jpg", bytes(products.image[2]), "image/jpeg")},
+                     data={"k": "3"}).json()
+    image_query = next(q for q in store.queries() if q.query_id == photo["query_id"])
+    assert image_query.kind == "image" and re.fullmatch(r"mine\.jpg sha1:[0-9a-f]{16}", image_query.user_query)
+
+
+def test_events_are_logged_once_checked_and_counted_by_position(logged_api):
+    api, store = logged_api
+    body = api.get("/api/search", params={"q": "black watch", "k": 6}).json()
+    query_id, hits = body["query_id"], body["hits"]
+    ok = api.post("/api/events", json=[
+        {"action_name": "click", "query_id": query_id, "object_id": hits[2]["product_id"], "position": 3},
+        {"action_name": "add_to_cart", "query_id": query_id, "session_id": "v",
+         "event_attributes": {"object": {"object_id": hits[2]["product_id"]}, "position": {"ordinal": 3}}}])
+    assert ok.status_code == 200 and ok.json() == {"logged": 2}
+    refused = [
+        ({"action_name": "click", "query_id": "no-such-query", "object_id": hits[0]["product_id"], "position": 1},
+         422, "unknown query_id"),
+        ({"action_name": "click", "query_id": query_id, "object_id": hits[0]["product_id"], "position": 2},
+         422, "served 1"),
+        ([{"action_name": "click", "query_id": query_id, "object_id": hits[0]["product_id"], "position": 1},
+          {"action_name": "stare", "query_id": query_id, "object_id": hits[0]["product_id"], "position": 1}],
+         422, "action_name"),
+        ([], 422, "no events"),
+    ]
+    for payload, status, words in refused:
+        response = api.post("/api/events", json=payload)
+        assert response.status_code == status and words in response.json()["error"], (payload, response.text)
+    garbled = api.post("/api/events", content=b"{not json", headers={"content-type": "application/json"})
+    assert garbled.status_code == 400 and "JSON" in garbled.json()["error"]
+    assert store.counts()["events"] == 2  # nothing of a refused request
+    metrics = api.get("/metrics").text
+    assert re.search(r'mmsearch_events_total\{action="click",model="[^"]+",position="3"\} 1\.0', metrics)
+    assert re.search(r'mmsearch_impressions_total\{model="[^"]+",position="6"\} [1-9]', metrics)
+
+
+def test_an_explored_search_shows_its_top_in_another_order_and_says_so(backend, images, tmp_path):
+    from fastapi.testclient import TestClient
+
+    store = EventStore(tmp_path / "events.db")
+    plain = TestClient(create_app(backend, images)).get("/api/search", params={"q": "shirt", "k": 12}).json()
+    explored = TestClient(create_app(backend, images, events=store, explore_share=1.0, seed=3))
+    body = explored.get("/api/search", params={"q": "shirt", "k": 12}).json()
+    ids = [[h["product_id"] for h in b["hits"]] for b in (plain, body)]
+    assert plain["query_id"] is None  # no store: nothing logged, and the response says so
+    assert ids[0][:EXPLORE_DEPTH] != ids[1][:EXPLORE_DEPTH] and sorted(ids[0][:EXPLORE_DEPTH]) == sorted(
+        ids[1][:EXPLORE_DEPTH]) and ids[0][EXPLORE_DEPTH:] == ids[1][EXPLORE_DEPTH:]
+    (query,) = store.queries()
+    assert query.attributes["explore"] == f"shuffle-top-{EXPLORE_DEPTH}" and query.hit_ids == ids[1]
+
+
+# -- page processes ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def served_milvus(triton, catalog_path, tmp_path_factory):
+    from client import store
+
+    server = MilvusServer(tmp_path_factory.mktemp("events-milvus"), port=free_port()).start()
+    client = store.connect(server.uri)
+    Indexer(triton.grpc_url, "grpc", client, "products", batch_size=16).run(str(catalog_path), limit=N_PAGE_PRODUCTS)
+    client.close()
+    yield server
+    server.stop()
+
+
+def _page(triton, served_milvus, catalog_path, events, tmp_path, name: str) -> PageServer:
+    return PageServer(triton.grpc_url, served_milvus.uri, str(catalog_path), port=free_port(),
+                      log_file=tmp_path / f"{name}.log", events=str(events))
+
+
+def _call(url: str, payload=None, timeout: float = 10.0) -> tuple[int, dict]:
+    data = None if payload is None else json.dumps(payload).encode()
+    request = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_two_page_processes_share_one_store_and_export_it(triton, served_milvus, catalog_path, tmp_path):
+    from client.event_export import main as export_main
+
+    events = tmp_path / "events.db"
+    with (_page(triton, served_milvus, catalog_path, events, tmp_path, "a") as a,
+          _page(triton, served_milvus, catalog_path, events, tmp_path, "b") as b):
+        status, body = _call(f"{a.url}/api/search?q=red+tshirt&k=4")
+        assert status == 200
+        hit = body["hits"][1]
+        click = {"action_name": "click", "query_id": body["query_id"], "object_id": hit["product_id"], "position": 2}
+        assert _call(f"{b.url}/api/events", click) == (200, {"logged": 1})  # served by a, clicked through b
+    export_main(["--events", str(events), "--out", str(tmp_path / "export")])
+    (line,) = (tmp_path / "export" / "ubi_events.ndjson").read_text().splitlines()
+    assert json.loads(line)["event_attributes"]["object"]["object_id"] == hit["product_id"]
+
+
+def test_kill_9_of_the_page_during_a_burst_loses_no_acknowledged_event(triton, served_milvus, catalog_path, tmp_path):
+    events = tmp_path / "events.db"
+    page = _page(triton, served_milvus, catalog_path, events, tmp_path, "killed").start()
+    try:
+        served = []
+        for q in ("shirt", "watch", "shoes", "bag"):
+            status, body = _call(f"{page.url}/api/search?q={q}&k=10")
+            assert status == 200
+            served += [(body["query_id"], h["product_id"], i + 1) for i, h in enumerate(body["hits"])]
+        acknowledged, lock, kill_after = [], threading.Lock(), 60
+
+        def shopper(worker: int) -> None:
+            for n in range(1000):
+                query_id, object_id, position = served[(worker * 7 + n) % len(served)]
+                event = {"action_name": "click", "query_id": query_id, "object_id": object_id, "position": position,
+                         "event_attributes": {"seq": f"{worker}-{n}"}}
+                try:
+                    status, _ = _call(f"{page.url}/api/events", event, timeout=5)
+                except OSError:  # the page is gone: what it acknowledged is what counts
+                    return
+                assert status == 200
+                with lock:
+                    acknowledged.append(f"{worker}-{n}")
+                    if len(acknowledged) == kill_after:  # the hook: the kill lands while the others are in flight
+                        page.kill()
+
+        threads = [threading.Thread(target=shopper, args=(w,)) for w in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert page.process.poll() is not None and len(acknowledged) >= kill_after
+        page.start()  # the page comes back on the same store
+        status, body = _call(f"{page.url}/api/search?q=shirt&k=3")
+        assert status == 200 and body["query_id"]
+    finally:
+        page.stop()
+    stored = {e[8]["seq"] for e in EventStore(events).events()}
+    assert set(acknowledged) <= stored
+
+
+def test_the_page_sends_its_shoppers_clicks_in_headless_chromium(logged_api, tmp_path):
+    import shutil
+    import time
+
+    import uvicorn
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "chromium is missing: run scripts/system-deps.sh (make test does)"
+    api, store = logged_api
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(api.app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.fill("#q", "blue jeans")
+            page.click("button[type=submit]")
+            page.wait_for_selector(".card")
+            page.locator(".card").nth(2).click()
+            page.locator(".card .cart").nth(2).click()
+            deadline = time.monotonic() + 10
+            while store.counts()["events"] < 2:
+                assert time.monotonic() < deadline, "the page's events did not arrive in 10 s"
+                time.sleep(0.1)
+            browser.close()
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    (query,) = store.queries()
+    events = list(store.events())
+    assert [(e[2], e[4], e[5]) for e in events] == [("click", query.hit_ids[2], 3),
+                                                    ("add_to_cart", query.hit_ids[2], 3)]
+    assert events[0][6] == query.client_id and query.client_id  # the browser's id, on the query and its events
