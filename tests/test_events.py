@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 
 import pytest
 
@@ -19,6 +21,7 @@ from client.milvus_server import MilvusServer
 from client.page_process import PageServer
 from core.catalog import read_catalog
 from export.serve import free_port
+from tests.conftest import N_INDEXED
 
 pytestmark = pytest.mark.server
 N_PAGE_PRODUCTS = 120  # indexed into the served Milvus the page processes share
@@ -191,40 +194,77 @@ def test_kill_9_of_the_page_during_a_burst_loses_no_acknowledged_event(triton, s
     assert set(acknowledged) <= stored
 
 
-def test_the_page_sends_its_shoppers_clicks_in_headless_chromium(logged_api, tmp_path):
-    import shutil
-    import time
-
+@contextmanager
+def serving(app):
+    """The app on a free port, served by uvicorn in a thread: its URL."""
     import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start in 30 s"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_the_page_sends_its_shoppers_clicks_in_headless_chromium(logged_api):
+    import shutil
+
     from playwright.sync_api import sync_playwright
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     assert chromium, "chromium is missing: run scripts/system-deps.sh (make test does)"
     api, store = logged_api
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(api.app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-            page = browser.new_page()
-            page.goto(f"http://127.0.0.1:{port}/")
-            page.fill("#q", "blue jeans")
-            page.click("button[type=submit]")
-            page.wait_for_selector(".card")
-            page.locator(".card").nth(2).click()
-            page.locator(".card .cart").nth(2).click()
-            deadline = time.monotonic() + 10
-            while store.counts()["events"] < 2:
-                assert time.monotonic() < deadline, "the page's events did not arrive in 10 s"
-                time.sleep(0.1)
-            browser.close()
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with serving(api.app) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(url + "/")
+        page.fill("#q", "blue jeans")
+        page.click("button[type=submit]")
+        page.wait_for_selector(".card")
+        page.locator(".card").nth(2).click()
+        page.locator(".card .cart").nth(2).click()
+        deadline = time.monotonic() + 10
+        while store.counts()["events"] < 2:
+            assert time.monotonic() < deadline, "the page's events did not arrive in 10 s"
+            time.sleep(0.1)
+        browser.close()
     (query,) = store.queries()
     events = list(store.events())
     assert [(e[2], e[4], e[5]) for e in events] == [("click", query.hit_ids[2], 3),
                                                     ("add_to_cart", query.hit_ids[2], 3)]
     assert events[0][6] == query.client_id and query.client_id  # the browser's id, on the query and its events
+
+
+def test_simulated_shoppers_drive_the_page_and_the_click_model_reads_their_logs(backend, images, catalog_path,
+                                                                               tmp_path):
+    from client.judgments import main as judgments_main
+    from client.simulated_shoppers import SIMULATED, ShopperModel, Simulation, load_intents
+
+    store = EventStore(tmp_path / "events.db")
+    app = create_app(backend, images, events=store, explore_share=0.5, seed=0)
+    intents, weights, median = load_intents(str(catalog_path), seed=0, limit=N_INDEXED)
+    model = ShopperModel.make(median, seed=0)
+    with serving(app) as url:
+        tally = Simulation(url, intents, weights, model, seed=0).run(300, concurrency=4, progress=False)
+    assert tally.sessions == 300 and not tally.failed and tally.clicks > 100
+    queries = list(store.queries())
+    assert len(queries) == tally.searches and all(q.client_id.startswith(SIMULATED) for q in queries)
+    assert 0.3 < sum("explore" in q.attributes for q in queries) / len(queries) < 0.7
+    events = list(store.events())
+    assert sum(e[2] == "click" for e in events) == tally.clicks and all(e[8]["simulated"] for e in events)
+    report = judgments_main(["--events", str(store.path), "--out", str(tmp_path / "judgments"),
+                             "--client-prefix", SIMULATED])
+    examination = report["examination"]
+    assert examination[0] == 1.0 and report["clicks"] == tally.clicks
+    # Far too few sessions for 10% (bench/shoppers.py), enough for the shape: the top is examined more.
+    assert sum(examination[:3]) / 3 > 1.5 * sum(examination[7:]) / 3, examination
+    judged = [json.loads(line) for line in (tmp_path / "judgments" / "judgments.jsonl").read_text().splitlines()]
+    assert judged and all(0 <= j["rating"] <= 1 and j["impressions"] >= 3 for j in judged)

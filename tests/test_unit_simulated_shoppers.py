@@ -1,0 +1,76 @@
+"""The SIMULATED shoppers' behaviour, without a page: relevance, phrasing apart from the training generator's,
+seeded appeal, attractiveness ordered by relevance, intents drawn from a catalog's looks."""
+
+from __future__ import annotations
+
+import random
+
+import pandas as pd
+import pytest
+
+from client.simulated_shoppers import GENDER_SHORT, Intent, ShopperModel, load_intents, phrase
+from core.queries import EVAL_TEMPLATES, TRAIN_TEMPLATES
+
+pytestmark = pytest.mark.unit
+BLUE_SHIRT = {"article_type": "Shirts", "base_colour": "Blue", "gender": "Men", "price": 20.0}
+
+
+def test_relevance_is_graded_by_the_intents_attributes():
+    intent = Intent("Shirts", "Blue", "Men")
+    assert intent.grade(BLUE_SHIRT) == 2
+    assert intent.grade({**BLUE_SHIRT, "base_colour": "Red"}) == 1
+    assert intent.grade({**BLUE_SHIRT, "gender": "Unisex"}) == 2  # unisex fits everyone
+    assert intent.grade({**BLUE_SHIRT, "gender": "Women"}) == 0
+    assert intent.grade({**BLUE_SHIRT, "article_type": "Tshirts"}) == 0
+    assert Intent("Shirts").grade({**BLUE_SHIRT, "base_colour": "Red", "gender": "Women"}) == 2
+
+
+def test_queries_name_exactly_the_intent_and_are_not_the_generators_phrasings(monkeypatch):
+    import client.simulated_shoppers as sim
+    from core.queries import product_attributes, render
+
+    monkeypatch.setattr(sim, "TYPO", 0.0)
+    rng = random.Random(0)
+    gender_words = {w for words in GENDER_SHORT.values() for w in " ".join(words).split()}
+    for intent in (Intent("Shirts", "Blue", "Men"), Intent("Shirts", "", "Women"), Intent("Shirts", "Red", ""),
+                   Intent("Shirts")):
+        for _ in range(50):
+            words = phrase(intent, rng).split()
+            assert any(w.startswith("shirt") for w in words)
+            assert (intent.colour.lower() in words) == bool(intent.colour)
+            assert bool(gender_words & set(words)) == bool(intent.gender)
+    product = product_attributes({**BLUE_SHIRT, "title": "Arrow Men Blue Shirt", "usage": "Casual"})
+    generator = {q.text for t in TRAIN_TEMPLATES + EVAL_TEMPLATES for _ in range(20)
+                 if (q := render(t, product, "1", rng)) is not None}
+    shoppers = {phrase(Intent("Shirts", "Blue", "Men"), rng) for _ in range(200)}
+    shoppers |= {phrase(Intent("Shirts", "Blue"), rng) for _ in range(200)}
+    assert len(shoppers) >= 10 and not shoppers & generator, shoppers & generator
+    clean = [phrase(Intent("Shirts", "Blue", "Men"), random.Random(seed)) for seed in range(20)]
+    monkeypatch.setattr(sim, "TYPO", 1.0)  # a letter dropped (none when the draw lands on a space)
+    typed = [phrase(Intent("Shirts", "Blue", "Men"), random.Random(seed)) for seed in range(20)]
+    assert all(len(c) - len(t) in (0, 1) for c, t in zip(clean, typed))
+    assert sum(len(c) - len(t) for c, t in zip(clean, typed)) >= 12
+
+
+def test_attractiveness_follows_relevance_and_appeal_is_seeded():
+    model = ShopperModel.make({"Shirts": 30.0}, seed=0)
+    assert model.examination[0] == 1.0 and model.examination[9] == pytest.approx(0.1)
+    assert model.appeal("42") == ShopperModel.make({}, seed=0).appeal("42") != ShopperModel.make({}, 1).appeal("42")
+    intent = Intent("Shirts", "Blue", "Men")
+    relevant, other_colour = BLUE_SHIRT, {**BLUE_SHIRT, "base_colour": "Red"}
+    wrong_type = {**BLUE_SHIRT, "article_type": "Watches"}
+    mean = [sum(model.attractiveness(intent, p, str(i)) for i in range(300)) / 300
+            for p in (relevant, other_colour, wrong_type)]
+    assert mean[0] > mean[1] > mean[2] and mean[0] > 0.6 and mean[2] < 0.25
+
+
+def test_intents_are_the_catalogs_looks_with_enough_products(tmp_path):
+    rows = ([{"product_id": f"s{i}", "title": "Shirt", "article_type": "Shirts", "base_colour": "Blue",
+              "gender": "Men", "price": 10.0 + i} for i in range(6)]
+            + [{"product_id": f"w{i}", "title": "Watch", "article_type": "Watches", "base_colour": "Black",
+                "gender": "Women", "price": 50.0} for i in range(2)])
+    path = tmp_path / "catalog.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    intents, weights, median = load_intents(str(path), seed=0)
+    assert intents == [Intent("Shirts", "Blue", "Men")] and weights == [1.0]
+    assert median == {"Shirts": 12.5, "Watches": 50.0}
