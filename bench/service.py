@@ -635,7 +635,8 @@ def run_backend(backend: str, args: argparse.Namespace, plan: Plan, triton: Trit
             stages = milvus_alone(backend, client, milvus_roles, vectors, workload, sequence, plan.modes,
                                   plan.stage_concurrency, plan.stage_seconds, args.collection)
         page = PageServer(triton.grpc_url, uri, args.catalog, args.collection, args.timeout, free_port(),
-                          workdir / f"page-{backend}.log", args.max_searches)
+                          workdir / f"page-{backend}.log", args.max_searches,
+                          events=str(workdir / f"events-{backend}.db"))  # logging, as the page runs by default
         with page:
             roles: dict[str, Role] = {"page": lambda pid, ppid, pgrp: pid == page.process.pid,
                                       "triton": in_group(triton.process.pid)}

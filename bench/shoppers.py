@@ -6,9 +6,10 @@ A page (client/app.py) on `make serve`'s Triton and Milvus, logging to a fresh e
 (the top 10 of that share of searches shown in a random order). Simulated shoppers
 (client/simulated_shoppers.py) drive its API over HTTP in chunks; after each chunk the position-based click
 model is fitted on everything logged so far (client/judgments.py) and its examination probabilities are compared
-with the simulator's, position by position: the curve of the worst relative error against sessions. Beside it,
-the raw click-through rate by position relative to position 1 (what a dashboard of clicks shows), which mixes
-position with attractiveness.
+with the simulator's, position by position: the curve of the worst relative error against sessions. Three
+estimates: from the randomized searches (what client/judgments.py uses), PBM's examination fitted jointly with
+attractiveness by EM (the textbook fit), and the raw click-through rate by position over position 1's (what a
+dashboard of clicks shows), which mixes position with attractiveness.
 """
 
 from __future__ import annotations
@@ -60,21 +61,24 @@ def write_results(out: Path, record: dict) -> None:
         f"After {final['sessions']:,} sessions ({final['searches']:,} searches, {final['explored']:,} explored, "
         f"{final['clicks']:,} clicks, {final['minutes']:.1f} minutes of traffic):",
         "",
-        "| position | simulator's examination | click model (PBM, EM) | error | raw CTR / CTR at 1 | error |",
-        "|---|---|---|---|---|---|",
+        "| position | simulator's examination | from randomized searches | error | PBM joint EM | error "
+        "| raw CTR / CTR at 1 | error |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in range(DEPTH):
         lines.append(f"| {r + 1} | {truth[r]:.3f} | {final['examination'][r]:.3f} | {100 * final['errors'][r]:.1f}% "
+                     f"| {final['joint'][r]:.3f} | {100 * final['joint_errors'][r]:.1f}% "
                      f"| {final['raw'][r]:.3f} | {100 * final['raw_errors'][r]:.1f}% |")
     reached = next((p for p in curve if max(p["errors"]) <= TARGET), None)
     lines += [
         "",
-        "Worst error over positions 1-10 against sessions (the click model; raw CTR):",
+        "Worst error over positions 1-10 against sessions:",
         "",
-        "| sessions | searches | minutes | click model | raw CTR |",
-        "|---|---|---|---|---|",
-        *[f"| {p['sessions']:,} | {p['searches']:,} | {p['minutes']:.1f} | {100 * max(p['errors']):.1f}% | "
-          f"{100 * max(p['raw_errors']):.1f}% |" for p in curve],
+        "| sessions | searches | explored | minutes | from randomized searches | PBM joint EM | raw CTR |",
+        "|---|---|---|---|---|---|---|",
+        *[f"| {p['sessions']:,} | {p['searches']:,} | {p['explored']:,} | {p['minutes']:.1f} | "
+          f"{100 * max(p['errors']):.1f}% | {100 * max(p['joint_errors']):.1f}% | {100 * max(p['raw_errors']):.1f}% |"
+          for p in curve],
         "",
         (f"Target (every position within {100 * TARGET:.0f}%): reached after {reached['sessions']:,} sessions."
          if reached else f"Target (every position within {100 * TARGET:.0f}%): not reached in this run."),
@@ -91,11 +95,15 @@ def write_results(out: Path, record: dict) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     positions = range(1, DEPTH + 1)
     left.plot(positions, truth, "k-o", label="simulator (truth)")
-    left.plot(positions, final["examination"], "b-s", label="click model (PBM)")
+    left.plot(positions, final["examination"], "b-s", label="from randomized searches")
+    left.plot(positions, final["joint"], "g-.d", label="PBM joint EM")
     left.plot(positions, final["raw"], "r--^", label="raw CTR / CTR at 1")
     left.set(xlabel="position", ylabel="examination probability", title="SIMULATED: examination by position")
     left.legend()
-    right.plot([p["sessions"] for p in curve], [100 * max(p["errors"]) for p in curve], "b-s", label="click model")
+    right.plot([p["sessions"] for p in curve], [100 * max(p["errors"]) for p in curve], "b-s",
+               label="from randomized searches")
+    right.plot([p["sessions"] for p in curve], [100 * max(p["joint_errors"]) for p in curve], "g-.d",
+               label="PBM joint EM")
     right.plot([p["sessions"] for p in curve], [100 * max(p["raw_errors"]) for p in curve], "r--^", label="raw CTR")
     right.axhline(100 * TARGET, color="gray", linestyle=":", label="target")
     right.set(xlabel="simulated sessions", ylabel="worst relative error, %", xscale="log", yscale="log",
@@ -143,14 +151,17 @@ def main(argv: list[str] | None = None) -> int:
             seconds += time.perf_counter() - t0
             done = checkpoint
             log = click_log(EventStore(events), DEPTH, client_prefix=SIMULATED)
-            fitted = judge(log, DEPTH)
+            fitted, joint = judge(log, DEPTH), judge(log, DEPTH, joint=True)
             raw = log.raw_ctr(DEPTH)
             raw = [r / raw[0] for r in raw]
             point = {"sessions": done, "searches": log.searches, "explored": log.explored,
                      "clicks": int(log.click.sum()), "minutes": seconds / 60,
                      "examination": [float(g) for g in fitted.examination],
                      "errors": relative_errors(fitted.examination, model.examination), "raw": raw,
-                     "raw_errors": relative_errors(raw, model.examination), "em_iterations": fitted.iterations,
+                     "raw_errors": relative_errors(raw, model.examination),
+                     "joint": [float(g) for g in joint.examination],
+                     "joint_errors": relative_errors(joint.examination, model.examination),
+                     "em_iterations": joint.iterations,
                      "failed": dict(tally.failed)}
             curve.append(point)
             logger.info("%d sessions, %d searches (%.1f min): worst examination error %.1f%% (raw CTR %.1f%%)",

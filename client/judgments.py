@@ -9,6 +9,9 @@ writes, under --out:
                        words, kind and filter), object_id, rating (PBM attractiveness, 0..1), impressions, clicks
     click_model.json   examination probability per position (position 1 = 1), raw CTR per position, counts
 
+Examination comes from the searches the page showed in a random order (its --explore-share); without any, the
+command refuses: position bias cannot be told from attractiveness on a fixed ranking.
+
 A query is the words (or photo digest), kind and filter as logged; the same words from every shopper are one
 query. Impressions are each search's served products at positions 1..--depth; a click is any `click` event
 on one of them (several clicks of one result count once).
@@ -29,7 +32,7 @@ if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from client.events import EventStore
-from core.clickmodels import PBM, fit_pbm
+from core.clickmodels import PBM, examination_from_randomized, fit_pbm
 
 logger = logging.getLogger("client.judgments")
 DEPTH = 10
@@ -44,6 +47,7 @@ class ClickLog:
     pair: np.ndarray
     position: np.ndarray
     click: np.ndarray
+    randomized: np.ndarray  # whether the impression's search showed its top in a random order
     searches: int
     explored: int  # searches whose top was shown in a random order
 
@@ -58,29 +62,48 @@ def click_log(store: EventStore, depth: int = DEPTH, client_prefix: str = "") ->
     client_ids starting with `client_prefix`, when given."""
     clicked = {(e[3], e[5]) for e in store.events() if e[2] == "click"}
     index: dict[tuple[str, str, str, str], int] = {}
-    pair, position, click = [], [], []
+    pair, position, click, randomized = [], [], [], []
     searches = explored = 0
     for query in store.queries():
         if client_prefix and not (query.client_id or "").startswith(client_prefix):
             continue
         searches += 1
-        explored += "explore" in query.attributes
+        shuffled = _shuffled_depth(query.attributes.get("explore")) >= depth
+        explored += shuffled
         key = (query.kind, query.user_query, str(query.attributes.get("filter", "")))
         for rank, object_id in enumerate(query.hit_ids[:depth], start=1):
             pair.append(index.setdefault((*key, object_id), len(index)))
             position.append(rank)
             click.append((query.query_id, rank) in clicked)
+            randomized.append(shuffled and len(query.hit_ids) >= depth)
     return ClickLog(list(index), np.array(pair, np.int64), np.array(position, np.int64), np.array(click, bool),
-                    searches, explored)
+                    np.array(randomized, bool), searches, explored)
 
 
-def judge(log: ClickLog, depth: int = DEPTH, prior: float = 1.0) -> PBM:
+def _shuffled_depth(explore: str | None) -> int:
+    """How deep a search's top was shuffled, from its logged "explore" attribute ("shuffle-top-10"); 0 if not."""
+    if not explore or not explore.startswith("shuffle-top-"):
+        return 0
+    return int(explore.removeprefix("shuffle-top-"))
+
+
+def judge(log: ClickLog, depth: int = DEPTH, prior: float = 1.0, joint: bool = False) -> PBM:
+    """PBM on the log: examination from its randomized searches, then attractiveness by EM with it held;
+    `joint`: both by EM (the textbook fit, which drifts on sparse pairs: core/clickmodels.py)."""
     if not len(log.pair):
         raise ValueError("no searches in the event log: nothing to judge (is the page logging? --events)")
-    return fit_pbm(log.pair, log.position, log.click, n_pairs=len(log.pairs), n_positions=depth, prior=prior)
+    examination = None
+    if not joint:
+        if not log.randomized.any():
+            raise ValueError(f"no randomized searches in the log: position bias cannot be told from attractiveness "
+                             f"(start the page with --explore-share, e.g. 0.1, at depth {depth})")
+        examination = examination_from_randomized(log.position[log.randomized], log.click[log.randomized], depth)
+        examination = np.clip(examination, 1e-3, 1.0)
+    return fit_pbm(log.pair, log.position, log.click, n_pairs=len(log.pairs), n_positions=depth, prior=prior,
+                   examination=examination)
 
 
-def write(out: Path, log: ClickLog, model: PBM, depth: int, min_impressions: int) -> int:
+def write(out: Path, log: ClickLog, model: PBM, depth: int, min_impressions: int, joint: bool = False) -> int:
     out.mkdir(parents=True, exist_ok=True)
     n = 0
     with open(out / "judgments.jsonl", "w") as f:
@@ -91,7 +114,8 @@ def write(out: Path, log: ClickLog, model: PBM, depth: int, min_impressions: int
                                 "rating": round(float(model.attractiveness[i]), 4),
                                 "impressions": int(model.impressions[i]), "clicks": int(model.clicks[i])}) + "\n")
             n += 1
-    report = {"examination": [round(float(g), 4) for g in model.examination], "raw_ctr": log.raw_ctr(depth),
+    report = {"examination": [round(float(g), 4) for g in model.examination],
+              "examination_from": "joint EM" if joint else "randomized searches", "raw_ctr": log.raw_ctr(depth),
               "searches": log.searches, "explored_searches": log.explored, "impressions": int(len(log.pair)),
               "clicks": int(log.click.sum()), "pairs": len(log.pairs), "judged_pairs": n,
               "min_impressions": min_impressions, "em_iterations": model.iterations, "converged": model.converged}
@@ -110,14 +134,16 @@ def main(argv: list[str] | None = None) -> dict:
                    help="a (query, product) pair shown fewer times than this is not judged")
     p.add_argument("--prior", type=float, default=1.0,
                    help="pseudo-impressions at the mean rate that smooth each pair's attractiveness")
+    p.add_argument("--joint", action="store_true",
+                   help="fit examination by EM together with attractiveness, instead of from the randomized searches")
     p.add_argument("--client-prefix", default="",
                    help="judge only the searches of client_ids starting with this (e.g. 'simulated-')")
     args = p.parse_args(argv)
     if not Path(args.events).is_file():
         p.error(f"no event store at {args.events}: the page logs to its --events file")
     log = click_log(EventStore(args.events), args.depth, args.client_prefix)
-    model = judge(log, args.depth, args.prior)
-    n = write(Path(args.out), log, model, args.depth, args.min_impressions)
+    model = judge(log, args.depth, args.prior, args.joint)
+    n = write(Path(args.out), log, model, args.depth, args.min_impressions, args.joint)
     report = json.loads((Path(args.out) / "click_model.json").read_text())
     logger.info("%d searches (%d explored), %d clicks: %d pairs judged; examination by position: %s",
                 log.searches, log.explored, int(log.click.sum()), n, report["examination"])

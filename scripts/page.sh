@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The search page on what `make demo` built: Triton (detached) + client/app.py in the foreground.
 #   make page        then open http://127.0.0.1:8080/      (PORT, REPO, MILVUS_URI, CATALOG as in demo.sh)
+# Searches and shoppers' events are logged to EVENTS (runs/events.db; '' for none); EXPLORE_SHARE (0) of the
+# searches show their top 10 in a random order, so the click model can estimate position bias (README: Shopper events).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CATALOG=${CATALOG:-../shared/data/fashion/catalog.parquet}
@@ -15,4 +17,5 @@ else
     $PY -m export.serve --model-repository "$REPO" --detach
     trap '$PY -m export.serve --stop' EXIT
 fi
-$PY client/app.py --catalog "$CATALOG" --milvus-uri "$MILVUS_URI" --port "$PORT"
+$PY client/app.py --catalog "$CATALOG" --milvus-uri "$MILVUS_URI" --port "$PORT" \
+    --events "${EVENTS-runs/events.db}" --explore-share "${EXPLORE_SHARE:-0}"
