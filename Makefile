@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup system-deps demo page serve stop test test-fast bench long-tail lint clean
+.PHONY: setup system-deps demo page serve stop test test-fast bench long-tail shoppers lint clean
 
 setup:
 	./scripts/setup.sh
@@ -50,6 +50,13 @@ long-tail: setup
 	$(PY) bench/probe.py --minutes 20
 	$(PY) bench/long_tail.py --checkpoint "mm3-concat, 1 epoch (make demo)=runs/tail/mm3-concat" \
 		--checkpoint "+ look pairs, adjusted and scaled heads=runs/tail/pairs-la" --untrained mm3-concat
+
+# Shopper events on the shared deployment (`make serve` first): SIMULATED shoppers through a page of their own and
+# the click model's recovery of their position bias (bench/results/shoppers.*), then what logging costs search
+# latency (bench/results/event_logging.*).
+shoppers: setup
+	$(PY) bench/shoppers.py
+	$(PY) bench/event_logging.py
 
 lint: setup
 	.venv/bin/ruff check .

@@ -8,8 +8,8 @@ A page (client/app.py) on `make serve`'s Triton and Milvus, logging to a fresh e
 model is fitted on everything logged so far (client/judgments.py) and its examination probabilities are compared
 with the simulator's, position by position: the curve of the worst relative error against sessions. Three
 estimates: from the randomized searches (what client/judgments.py uses), PBM's examination fitted jointly with
-attractiveness by EM (the textbook fit), and the raw click-through rate by position over position 1's (what a
-dashboard of clicks shows), which mixes position with attractiveness.
+attractiveness by EM (the textbook fit), and the raw click-through rate by position over position 1's on the
+searches shown in the served order (what a dashboard of clicks shows), which mixes position with attractiveness.
 """
 
 from __future__ import annotations
@@ -23,15 +23,18 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from client.events import EventStore  # noqa: E402
-from client.judgments import click_log, judge  # noqa: E402
+from client.judgments import MIN_IMPRESSIONS, ClickLog, click_log, judge  # noqa: E402
 from client.page_process import PageServer  # noqa: E402
-from client.simulated_shoppers import DEPTH, SIMULATED, ShopperModel, Simulation, load_intents  # noqa: E402
-from core.catalog import DEFAULT_CATALOG  # noqa: E402
+from client.simulated_shoppers import DEPTH, SIMULATED, Intent, ShopperModel, Simulation, load_intents  # noqa: E402
+from core.catalog import DEFAULT_CATALOG, read_catalog  # noqa: E402
+from core.clickmodels import PBM  # noqa: E402
 from export.serve import free_port  # noqa: E402
 
 logger = logging.getLogger("bench.shoppers")
@@ -41,6 +44,33 @@ TARGET = 0.10  # relative error of every position's examination probability
 
 def relative_errors(estimate, truth) -> list[float]:
     return [abs(e - t) / t for e, t in zip(estimate, truth)]
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ranks = [np.argsort(np.argsort(x, kind="stable"), kind="stable").astype(float) for x in (a, b)]
+    return float(np.corrcoef(*ranks)[0, 1])
+
+
+def judgment_quality(log: ClickLog, fitted: PBM, model: ShopperModel, intents: dict[str, dict],
+                     products: dict[str, dict]) -> dict:
+    """The judged pairs' ratings against the simulator's true attractiveness, beside each pair's raw click rate
+    (position bias left in): rank correlation and mean absolute error, over pairs shown MIN_IMPRESSIONS times."""
+    truth, judged, raw, positions = [], [], [], []
+    mean_position = (np.bincount(log.pair, weights=log.position, minlength=len(log.pairs))
+                     / np.maximum(fitted.impressions, 1))
+    for i, (_, text, _, object_id) in enumerate(log.pairs):
+        if fitted.impressions[i] < MIN_IMPRESSIONS or text not in intents or object_id not in products:
+            continue
+        truth.append(model.attractiveness(Intent(**intents[text]), products[object_id], object_id))
+        judged.append(fitted.attractiveness[i])
+        raw.append(fitted.clicks[i] / fitted.impressions[i])
+        positions.append(mean_position[i])
+    truth, judged, raw = np.array(truth), np.array(judged), np.array(raw)
+    low = np.array(positions) > 5  # pairs mostly shown low on the page, where position bias bites
+    return {"pairs": len(truth), "spearman_judged": _spearman(judged, truth), "spearman_raw": _spearman(raw, truth),
+            "mae_judged": float(np.abs(judged - truth).mean()), "mae_raw": float(np.abs(raw - truth).mean()),
+            "low_pairs": int(low.sum()), "mae_judged_low": float(np.abs(judged - truth)[low].mean()),
+            "mae_raw_low": float(np.abs(raw - truth)[low].mean())}
 
 
 def write_results(out: Path, record: dict) -> None:
@@ -62,7 +92,7 @@ def write_results(out: Path, record: dict) -> None:
         f"{final['clicks']:,} clicks, {final['minutes']:.1f} minutes of traffic):",
         "",
         "| position | simulator's examination | from randomized searches | error | PBM joint EM | error "
-        "| raw CTR / CTR at 1 | error |",
+        "| raw CTR / CTR at 1 (served order) | error |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in range(DEPTH):
@@ -83,6 +113,20 @@ def write_results(out: Path, record: dict) -> None:
         (f"Target (every position within {100 * TARGET:.0f}%): reached after {reached['sessions']:,} sessions."
          if reached else f"Target (every position within {100 * TARGET:.0f}%): not reached in this run."),
     ]
+    q = record.get("judgments")
+    if q:
+        lines += [
+            "",
+            f"Judgments (client/judgments.py) of the {q['pairs']:,} (query, product) pairs shown at least "
+            f"{MIN_IMPRESSIONS} times, against the simulator's true attractiveness, beside each pair's raw click "
+            "rate:",
+            "",
+            "| rating | rank correlation with the truth | mean absolute error | same, pairs mostly below position 5 |",
+            "|---|---|---|---|",
+            f"| PBM attractiveness (position bias out) | {q['spearman_judged']:.3f} | {q['mae_judged']:.3f} | "
+            f"{q['mae_judged_low']:.3f} ({q['low_pairs']:,} pairs) |",
+            f"| raw click rate | {q['spearman_raw']:.3f} | {q['mae_raw']:.3f} | {q['mae_raw_low']:.3f} |",
+        ]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -140,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     model = ShopperModel.make(median, args.seed, args.eta)
     checkpoints = sorted({int(c) for c in args.checkpoints.split(",") if c and int(c) < args.sessions}
                          | {args.sessions})
+    catalog, _ = read_catalog(args.catalog)
+    products = {str(r["product_id"]): r for r in
+                catalog[["product_id", "article_type", "base_colour", "gender", "price"]].to_dict("records")}
+    del catalog
     curve, done, seconds = [], 0, 0.0
     page = PageServer(args.triton_url, args.milvus_uri, args.catalog, port=free_port(), log_file=workdir / "page.log",
                       events=str(events), explore_share=args.explore_share)
@@ -147,13 +195,16 @@ def main(argv: list[str] | None = None) -> int:
         simulation = Simulation(page.url, intents, weights, model, args.seed)
         for checkpoint in checkpoints:
             t0 = time.perf_counter()
-            tally = simulation.run(checkpoint - done, args.concurrency, start=done)
+            tally = simulation.run(checkpoint - done, args.concurrency, start=done, progress=sys.stderr.isatty())
             seconds += time.perf_counter() - t0
             done = checkpoint
             log = click_log(EventStore(events), DEPTH, client_prefix=SIMULATED)
             fitted, joint = judge(log, DEPTH), judge(log, DEPTH, joint=True)
-            raw = log.raw_ctr(DEPTH)
-            raw = [r / raw[0] for r in raw]
+            # What a dashboard of clicks shows: the served order's click rates (the randomized searches left out).
+            served = ~log.randomized
+            shown = np.bincount(log.position[served] - 1, minlength=DEPTH)[:DEPTH]
+            clicks = np.bincount(log.position[served] - 1, weights=log.click[served], minlength=DEPTH)[:DEPTH]
+            raw = [float(c / n / (clicks[0] / shown[0])) for c, n in zip(clicks, shown)]
             point = {"sessions": done, "searches": log.searches, "explored": log.explored,
                      "clicks": int(log.click.sum()), "minutes": seconds / 60,
                      "examination": [float(g) for g in fitted.examination],
@@ -166,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
             curve.append(point)
             logger.info("%d sessions, %d searches (%.1f min): worst examination error %.1f%% (raw CTR %.1f%%)",
                         done, log.searches, seconds / 60, 100 * max(point["errors"]), 100 * max(point["raw_errors"]))
+    quality = judgment_quality(log, fitted, model, simulation.tally.queries, products)
+    logger.info("judgments vs true attractiveness: Spearman %.3f (raw CTR %.3f), MAE %.3f (raw %.3f)",
+                quality["spearman_judged"], quality["spearman_raw"], quality["mae_judged"], quality["mae_raw"])
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
     command = "python bench/shoppers.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -173,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             "explore_share": args.explore_share, "concurrency": args.concurrency, "seed": args.seed, "eta": args.eta,
             "simulated": True}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_results(args.out, {"meta": meta, "truth": model.examination, "curve": curve})
+    write_results(args.out, {"meta": meta, "truth": model.examination, "curve": curve, "judgments": quality})
     logger.info("results in %s.{md,json,png}", args.out)
     return 0
 

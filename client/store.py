@@ -80,6 +80,14 @@ class Hit:
     fields: dict
 
 
+# pymilvus pings an idle connection every 10 s. A gRPC server with gRPC's default policy (Milvus Lite served
+# over TCP: `make serve`) answers pings that come more often than every 5 minutes without calls with GOAWAY
+# "too many pings", and the next search on that connection failed (the page: a 503 after an idle spell, seen in
+# bench/event_logging.py). Every call has a deadline, so idle pings find nothing a deadline would not: none
+# without calls, and at gRPC's default server minimum during them. Milvus standalone accepts either.
+GRPC_OPTIONS = {"grpc.keepalive_time_ms": 300_000, "grpc.keepalive_permit_without_calls": False}
+
+
 def connect(uri: str = DEFAULT_URI, token: str | None = None, user: str | None = None,
             password: str | None = None, timeout_s: float = SEARCH_TIMEOUT_S,
             batch_timeout_s: float = BATCH_TIMEOUT_S) -> DeadlineClient:
@@ -109,7 +117,7 @@ def connect(uri: str = DEFAULT_URI, token: str | None = None, user: str | None =
         connect_s = max(timeout_s, LITE_START_TIMEOUT_S) if is_lite(uri) else timeout_s
         try:
             client = MilvusClient(uri=uri, token=token, user=user, password=password, timeout=connect_s,
-                                  dedicated=True)
+                                  dedicated=True, grpc_options=GRPC_OPTIONS)
         except Exception as exc:  # noqa: BLE001
             if not is_lite(uri):
                 raise
@@ -120,7 +128,7 @@ def connect(uri: str = DEFAULT_URI, token: str | None = None, user: str | None =
 
             server_manager_instance.release_server(uri)
             client = MilvusClient(uri=uri, token=token, user=user, password=password, timeout=connect_s,
-                                  dedicated=True)
+                                  dedicated=True, grpc_options=GRPC_OPTIONS)
         # pymilvus repairs a connection that failed in place, under a process-wide lock held while it waits
         # for the server, then retries with a backoff that overshoots the deadline: requests in flight when
         # Milvus died queued behind one another's repairs. Here an unreachable server fails the call at

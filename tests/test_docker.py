@@ -86,7 +86,7 @@ def test_compose_file_parses_and_starts_the_whole_stack(stack):
 
 
 def test_data_lives_in_named_volumes_and_images_are_pinned(stack):
-    for name in ("etcd", "minio", "milvus"):
+    for name in ("etcd", "minio", "milvus", "page"):
         volumes = stack["services"][name]["volumes"]
         assert any(v["type"] == "volume" and v["source"] in stack["volumes"] for v in volumes), name
     for name, service in stack["services"].items():
