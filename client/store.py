@@ -80,11 +80,12 @@ class Hit:
     fields: dict
 
 
-# pymilvus pings an idle connection every 10 s. A gRPC server with gRPC's default policy (Milvus Lite served
-# over TCP: `make serve`) answers pings that come more often than every 5 minutes without calls with GOAWAY
-# "too many pings", and the next search on that connection failed (the page: a 503 after an idle spell, seen in
-# bench/event_logging.py). Every call has a deadline, so idle pings find nothing a deadline would not: none
-# without calls, and at gRPC's default server minimum during them. Milvus standalone accepts either.
+# pymilvus pings its connection every 10 s, with or without calls. gRPC's default server policy (Milvus Lite
+# served over TCP: `make serve`) refuses pings more often than every 5 minutes while no data flows: it answered
+# with GOAWAY "too many pings" once, and the page's next search failed (a 503 in bench/event_logging.py, after a
+# page sat idle following load; not reproduced on demand). Every call has a deadline, so idle pings find
+# nothing a deadline would not: none without calls, and at the server's minimum during them. Milvus standalone
+# accepts either.
 GRPC_OPTIONS = {"grpc.keepalive_time_ms": 300_000, "grpc.keepalive_permit_without_calls": False}
 
 
