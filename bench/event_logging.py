@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(run)
     median = {f"{m}_{name}": statistics.median(r[name][m] for r in runs)
               for m in ("p50_ms", "p99_ms", "qps") for name in ("on", "off")}
-    store = EventStore(events)
+    store = EventStore(events, read_only=True)
     summary = {"p50_on_ms": median["p50_ms_on"], "p50_off_ms": median["p50_ms_off"],
                "p50_cost": median["p50_ms_on"] / median["p50_ms_off"] - 1,
                "p50_cost_paired": statistics.median(r["on"]["p50_ms"] / r["off"]["p50_ms"] for r in runs) - 1,

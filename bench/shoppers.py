@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             tally = simulation.run(checkpoint - done, args.concurrency, start=done, progress=sys.stderr.isatty())
             seconds += time.perf_counter() - t0
             done = checkpoint
-            log = click_log(EventStore(events), DEPTH, client_prefix=SIMULATED)
+            log = click_log(EventStore(events, read_only=True), DEPTH, client_prefix=SIMULATED)
             fitted, joint = judge(log, DEPTH), judge(log, DEPTH, joint=True)
             # What a dashboard of clicks shows: the served order's click rates (the randomized searches left out).
             served = ~log.randomized

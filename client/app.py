@@ -13,7 +13,8 @@ API (OpenAPI schema at /docs and /openapi.json):
     GET  /metrics            Prometheus: latency per stage, errors by class, the served model's fingerprint,
                              impressions and events by position and model (CTR)
 Every search is logged with its query_id, model, collection and served products (client/events.py), unless --events ''.
-Errors are JSON {"error": "..."}: 400 bad input, 413 upload too large, 503 Triton or Milvus down (or the
+Errors are JSON {"error": "..."}: 400 bad input, 413 upload too large, 422 an event refused (the reason), 503 Triton,
+Milvus or the event store failing (or the
 page overloaded: searches run --max-searches at a time, and a search that waited --timeout for its turn is refused).
 No torch: tritonclient, pymilvus, fastapi.
 """
@@ -25,6 +26,7 @@ import hashlib
 import json
 import logging
 import random
+import sqlite3
 import sys
 import threading
 import time
@@ -65,6 +67,7 @@ MAX_QUERY_CHARS = 1000  # a query longer than this is not a search: a 400, befor
 # A container's CPU limit counts, not the node's cores.
 MAX_SEARCHES = 2 * usable_cpus()
 DEFAULT_EVENTS = "runs/events.db"
+MAX_EVENTS_BYTES = 256 * 1024  # one POST /api/events: a page's batch of events is a few KB
 EXPLORE_DEPTH = 10  # an explored search shows its top this-many in a random order (client/events.py, clickmodels)
 IMAGE_TYPES = {b"\xff\xd8": "image/jpeg", b"\x89P": "image/png", b"RI": "image/webp", b"GI": "image/gif"}
 
@@ -515,15 +518,22 @@ def create_app(backend: Backend, images: CatalogImages, max_upload_bytes: int = 
         JSON, 422 an event refused, with the reason)."""
         if events is None:
             raise ApiError(503, "event logging is off on this page (started with --events '')", "event_store")
+        raw = await request.body()
+        if len(raw) > MAX_EVENTS_BYTES:
+            raise ApiError(413, f"events request too large: the limit is {MAX_EVENTS_BYTES // 1024} KB")
         try:
-            body = json.loads(await request.body() or b"null")
-        except ValueError as exc:
-            raise ApiError(400, f"events are JSON: {exc}") from None
+            body = json.loads(raw or b"null")
+        except (ValueError, RecursionError) as exc:
+            raise ApiError(400, f"events are JSON: {str(exc)[:200]}") from None
         try:
             parsed = [Event.parse(item) for item in (body if isinstance(body, list) else [body])]
             served = await run_in_threadpool(events.log_events, parsed)
         except EventError as exc:
-            raise ApiError(422, str(exc)) from None
+            raise ApiError(422, str(exc)[:500]) from None
+        except sqlite3.Error as exc:  # locked past its deadline, disk full: nothing was logged, say so
+            logger.warning("the event store failed to log events: %s", exc)
+            raise ApiError(503, f"the event store failed ({exc}): nothing of this request was logged",
+                           "event_store") from None
         for event, query in zip(parsed, served):
             metrics.event(event.action_name, query.model, event.position)
         return JSONResponse({"logged": len(parsed)})

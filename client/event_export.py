@@ -1,4 +1,5 @@
 """The event store (client/events.py) exported: UBI JSON for tools that speak it, Parquet for analysis.
+The store is read as it stands at one moment (pages may keep logging), held in memory while it is written.
 
     python -m client.event_export --events runs/events.db --out runs/events-export
 
@@ -16,7 +17,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -44,8 +45,8 @@ def ubi_query(query: LoggedQuery) -> dict:
             "timestamp": iso(query.timestamp)}
 
 
-def ubi_events(store: EventStore) -> Iterator[dict]:
-    for _, timestamp, action, query_id, object_id, position, client_id, session_id, attributes in store.events():
+def ubi_events(events: Iterable[tuple]) -> Iterator[dict]:
+    for _, timestamp, action, query_id, object_id, position, client_id, session_id, attributes in events:
         yield {"application": APPLICATION, "action_name": action, "query_id": query_id, "session_id": session_id,
                "client_id": client_id, "timestamp": iso(timestamp),
                "message_type": "IMPRESSION" if action == "impression" else "CONVERSION",
@@ -58,11 +59,12 @@ def export(store: EventStore, out: str | Path, formats: tuple[str, ...] = FORMAT
     """Writes the files above (those of `formats`); returns the rows written per file."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    queries = list(store.queries())
+    with store.snapshot():  # the queries and events of one moment, while pages keep logging
+        queries, events = list(store.queries()), list(store.events())
     written: dict[str, int] = {}
     if "ubi" in formats:
         written["ubi_queries.ndjson"] = _ndjson(out / "ubi_queries.ndjson", (ubi_query(q) for q in queries))
-        written["ubi_events.ndjson"] = _ndjson(out / "ubi_events.ndjson", ubi_events(store))
+        written["ubi_events.ndjson"] = _ndjson(out / "ubi_events.ndjson", ubi_events(events))
     if "parquet" in formats:
         import pandas as pd
 
@@ -79,7 +81,7 @@ def export(store: EventStore, out: str | Path, formats: tuple[str, ...] = FORMAT
             "events.parquet": pd.DataFrame(
                 [{"event_id": e[0], "timestamp": e[1], "action_name": e[2], "query_id": e[3], "object_id": e[4],
                   "position": e[5], "client_id": e[6], "session_id": e[7], "model": model.get(e[3])}
-                 for e in store.events()]),
+                 for e in events]),
         }
         for name, frame in tables.items():
             frame.to_parquet(out / name, index=False)
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if not Path(args.events).is_file():
         p.error(f"no event store at {args.events}: the page logs to its --events file")
-    written = export(EventStore(args.events), args.out, tuple(args.format or FORMATS))
+    written = export(EventStore(args.events, read_only=True), args.out, tuple(args.format or FORMATS))
     for name, rows in written.items():
         logger.info("%s: %d rows", Path(args.out) / name, rows)
 

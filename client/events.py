@@ -16,8 +16,9 @@ The store is SQLite in WAL mode, one file on the page's host:
   its results are returned: a killed page loses none, a power loss may lose the last ones (their later events are
   then refused as unknown);
 - bounded: queries older than `retention_days`, or past the newest `max_queries`, are deleted with their events
-  (every PRUNE_EVERY queries a process logs, and when a store opens); SQLite reuses the freed pages, so the file
-  stops growing.
+  (every PRUNE_EVERY queries a process logs, and when a store opens for writing), a batch per transaction; a query
+  holds at most MAX_EVENTS_PER_QUERY events of at most MAX_ATTRIBUTE_BYTES of attributes each; SQLite reuses the
+  freed pages, so the file stops growing.
 One host only: pods on several nodes need a store they share over the network (a database, a queue).
 """
 
@@ -30,6 +31,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,10 +41,14 @@ APPLICATION = "mmsearch"
 OBJECT_ID_FIELD = "product_id"
 ACTIONS = ("impression", "click", "add_to_cart", "purchase")
 MAX_ID_CHARS = 100  # UBI's limit on query_id, client_id and session_id
+MAX_OBJECT_ID_CHARS = 256  # UBI's limit on object_id
+MAX_ATTRIBUTE_BYTES = 2048  # an event's own event_attributes, as JSON
 MAX_BATCH = 1000  # events in one request
+MAX_EVENTS_PER_QUERY = 200  # events logged for one query in all: a client replaying events cannot grow the store
 RETENTION_DAYS = 30.0
 MAX_QUERIES = 5_000_000
 PRUNE_EVERY = 1000
+PRUNE_BATCH = 10_000  # queries deleted per transaction: other workers' writes wait at most one batch
 BUSY_TIMEOUT_S = 5.0  # how long a write waits for another worker's transaction before it fails
 
 SCHEMA = """
@@ -87,7 +93,7 @@ class Event:
     position: int
     client_id: str | None = None
     session_id: str | None = None
-    timestamp: float | None = None  # seconds since the epoch; the store's clock when absent
+    timestamp: float | None = None  # seconds since the epoch: the store's clock (a client's goes to attributes)
     attributes: dict = field(default_factory=dict)
 
     @classmethod
@@ -107,9 +113,12 @@ class Event:
         action = data.get("action_name")
         if action not in ACTIONS:
             raise EventError(f"action_name must be one of {', '.join(ACTIONS)}, not {action!r}")
-        for name, value in (("query_id", data.get("query_id")), ("object_id", object_id)):
+        for name, value, limit in (("query_id", data.get("query_id"), MAX_ID_CHARS),
+                                   ("object_id", object_id, MAX_OBJECT_ID_CHARS)):
             if not isinstance(value, (str, int)) or isinstance(value, bool) or not str(value).strip():
                 raise EventError(f"{name} is missing or not a string")
+            if len(str(value)) > limit:
+                raise EventError(f"{name} is longer than {limit} characters")
         if not isinstance(position, int) or isinstance(position, bool) or position < 1:
             raise EventError(f"position must be a 1-based integer, not {position!r}")
         ids = {}
@@ -119,6 +128,10 @@ class Event:
                 raise EventError(f"{name} must be a string of at most {MAX_ID_CHARS} characters")
             ids[name] = value
         extra = {k: v for k, v in attributes.items() if k not in ("object", "position")}
+        if data.get("timestamp") is not None:  # the client's clock, kept beside the store's
+            extra["client_timestamp"] = data["timestamp"]
+        if len(json.dumps(extra)) > MAX_ATTRIBUTE_BYTES:
+            raise EventError(f"event_attributes are larger than {MAX_ATTRIBUTE_BYTES} bytes as JSON")
         return cls(action, str(data["query_id"]), str(object_id), position, ids["client_id"], ids["session_id"],
                    attributes=extra)
 
@@ -144,15 +157,21 @@ def new_query_id() -> str:
 class EventStore:
     """The SQLite store above. One connection per thread (sqlite3 connections are not shared across threads)."""
 
-    def __init__(self, path: str | Path, retention_days: float = RETENTION_DAYS, max_queries: int = MAX_QUERIES):
+    def __init__(self, path: str | Path, retention_days: float = RETENTION_DAYS, max_queries: int = MAX_QUERIES,
+                 read_only: bool = False):
+        """`read_only`: for the tools that read the log (export, judgments): an existing store, opened without
+        creating anything or pruning it by retention settings that may not be the page's."""
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.retention_days, self.max_queries = retention_days, max_queries
+        self.retention_days, self.max_queries, self.read_only = retention_days, max_queries, read_only
         self._local = threading.local()
         self._lock = threading.Lock()
         self._since_prune = 0
-        connection = self._connection()
-        connection.executescript(SCHEMA)
+        if read_only:
+            if not self.path.is_file():
+                raise FileNotFoundError(f"no event store at {self.path}")
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._connection().executescript(SCHEMA)
         self.prune()
 
     def _connection(self) -> sqlite3.Connection:
@@ -160,7 +179,10 @@ class EventStore:
         if connection is None:
             # Autocommit mode: each statement, or each BEGIN ... COMMIT below, is its own transaction.
             connection = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
-            connection.execute("PRAGMA journal_mode=WAL")
+            if self.read_only:
+                connection.execute("PRAGMA query_only=ON")
+            else:
+                connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA foreign_keys=ON")
             self._local.connection = connection
         return connection
@@ -181,7 +203,10 @@ class EventStore:
             if prune:
                 self._since_prune = 0
         if prune:
-            self.prune()
+            try:
+                self.prune()
+            except sqlite3.Error:  # the query is committed: a failed prune is retried at the next round
+                logger.warning("event store: pruning failed", exc_info=True)
         return query_id
 
     def log_events(self, events: Sequence[Event]) -> list[LoggedQuery]:
@@ -209,6 +234,11 @@ class EventStore:
                              if event.object_id in query.hit_ids else "it did not serve it")
                     raise EventError(f"query {event.query_id} did not serve {event.object_id!r} at position "
                                      f"{event.position} ({where})")
+            for query_id in queries:
+                logged = connection.execute("SELECT count(*) FROM events WHERE query_id = ?", (query_id,)).fetchone()[0]
+                if logged + sum(e.query_id == query_id for e in events) > MAX_EVENTS_PER_QUERY:
+                    raise EventError(f"query {query_id} has {logged} events logged; at most "
+                                     f"{MAX_EVENTS_PER_QUERY} are kept per query")
             connection.executemany(
                 "INSERT INTO events (timestamp, action_name, query_id, object_id, position, client_id, session_id, "
                 "event_attributes) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -227,28 +257,49 @@ class EventStore:
         return None if row is None else _logged_query(row)
 
     def prune(self) -> int:
-        """Deletes queries past the retention or the size bound, with their events; returns how many."""
+        """Deletes queries past the retention or the size bound, with their events, PRUNE_BATCH queries per
+        transaction; returns how many."""
         connection = self._connection()
         connection.execute("PRAGMA synchronous=NORMAL")
         cutoff = time.time() - self.retention_days * 86400
-        connection.execute("BEGIN IMMEDIATE")
-        try:
-            # The newest max_queries stay: the oldest of them bounds what is deleted (the time index finds it).
-            kept = connection.execute("SELECT timestamp FROM queries ORDER BY timestamp DESC LIMIT 1 OFFSET ?",
-                                      (self.max_queries - 1,)).fetchone()
-            if kept is not None:
-                cutoff = max(cutoff, kept[0])
-            connection.execute(
-                "DELETE FROM events WHERE query_id IN (SELECT query_id FROM queries WHERE timestamp < ?)", (cutoff,))
-            deleted = connection.execute("DELETE FROM queries WHERE timestamp < ?", (cutoff,)).rowcount
-            connection.execute("COMMIT")
-        except BaseException:
-            connection.execute("ROLLBACK")
-            raise
+        # The newest max_queries stay: the oldest of them bounds what is deleted (read before taking the lock).
+        kept = connection.execute("SELECT timestamp FROM queries ORDER BY timestamp DESC LIMIT 1 OFFSET ?",
+                                  (self.max_queries - 1,)).fetchone()
+        if kept is not None:
+            cutoff = max(cutoff, kept[0])
+        deleted = 0
+        while True:
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                batch = [row[0] for row in connection.execute(
+                    "SELECT query_id FROM queries WHERE timestamp < ? ORDER BY timestamp LIMIT ?",
+                    (cutoff, PRUNE_BATCH))]
+                marks = ",".join("?" * len(batch))
+                if batch:
+                    connection.execute(f"DELETE FROM events WHERE query_id IN ({marks})", batch)
+                    connection.execute(f"DELETE FROM queries WHERE query_id IN ({marks})", batch)
+                connection.execute("COMMIT")
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
+            deleted += len(batch)
+            if len(batch) < PRUNE_BATCH:
+                break
         if deleted:
             logger.info("event store: %d queries past the retention (%g days, %d queries) deleted", deleted,
                         self.retention_days, self.max_queries)
         return deleted
+
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Reads inside see one state of the store (one read transaction on this thread's connection): an export
+        or a click log never holds events of queries it does not hold, or the reverse."""
+        connection = self._connection()
+        connection.execute("BEGIN")
+        try:
+            yield
+        finally:
+            connection.execute("COMMIT")
 
     def queries(self, since: float = 0.0) -> Iterator[LoggedQuery]:
         cursor = self._connection().execute("SELECT * FROM queries WHERE timestamp >= ? ORDER BY timestamp", (since,))

@@ -60,11 +60,13 @@ class ClickLog:
 def click_log(store: EventStore, depth: int = DEPTH, client_prefix: str = "") -> ClickLog:
     """Every logged search's impressions up to `depth` and whether each was clicked; only the searches of
     client_ids starting with `client_prefix`, when given."""
-    clicked = {(e[3], e[5]) for e in store.events() if e[2] == "click"}
+    with store.snapshot():  # clicks and the queries they belong to, of one moment
+        clicked = {(e[3], e[5]) for e in store.events() if e[2] == "click"}
+        logged = list(store.queries())
     index: dict[tuple[str, str, str, str], int] = {}
     pair, position, click, randomized = [], [], [], []
     searches = explored = 0
-    for query in store.queries():
+    for query in logged:
         if client_prefix and not (query.client_id or "").startswith(client_prefix):
             continue
         searches += 1
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if not Path(args.events).is_file():
         p.error(f"no event store at {args.events}: the page logs to its --events file")
-    log = click_log(EventStore(args.events), args.depth, args.client_prefix)
+    log = click_log(EventStore(args.events, read_only=True), args.depth, args.client_prefix)
     model = judge(log, args.depth, args.prior, args.joint)
     n = write(Path(args.out), log, model, args.depth, args.min_impressions, args.joint)
     report = json.loads((Path(args.out) / "click_model.json").read_text())

@@ -116,3 +116,47 @@ def test_export_writes_ubi_json_and_parquet(store, tmp_path):
     assert impressions.object_id.tolist() == SERVED and impressions.position.tolist() == [1, 2, 3]
     events = pd.read_parquet(tmp_path / "out" / "events.parquet")
     assert events.model.tolist() == ["abc-fp32"]
+
+
+def test_the_readers_open_a_store_without_pruning_it_by_their_own_settings(store, tmp_path):
+    query_id = _query(store)
+    with sqlite3.connect(store.path) as db:  # kept by a page started with a longer retention
+        db.execute("UPDATE queries SET timestamp = timestamp - 60 * 86400 WHERE query_id = ?", (query_id,))
+    reader = EventStore(store.path, read_only=True)
+    assert export(reader, tmp_path / "out")["queries.parquet"] == 1
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        reader.prune()
+    with pytest.raises(FileNotFoundError, match="no event store"):
+        EventStore(tmp_path / "missing.db", read_only=True)
+
+
+def test_events_are_committed_with_a_full_sync_and_bounded_per_query(store, monkeypatch):
+    import client.events as events
+
+    query_id = _query(store)
+    store.log_events([click(query_id)])
+    assert store._connection().execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL: fsynced before the answer
+    monkeypatch.setattr(events, "MAX_EVENTS_PER_QUERY", 3)
+    store.log_events([click(query_id), click(query_id)])
+    with pytest.raises(EventError, match="at most 3"):
+        store.log_events([click(query_id)])
+    assert store.counts()["events"] == 3
+
+
+def test_oversized_ids_and_attributes_are_refused_and_a_clients_clock_is_kept_aside():
+    base = {"action_name": "click", "query_id": "q", "object_id": "p", "position": 1}
+    for data, words in (({"query_id": "q" * 101}, "query_id is longer"), ({"object_id": "p" * 257}, "object_id"),
+                        ({"event_attributes": {"blob": "x" * 3000}}, "larger than")):
+        with pytest.raises(EventError, match=words):
+            Event.parse({**base, **data})
+    event = Event.parse({**base, "timestamp": "2026-11-30T10:00:00Z"})
+    assert event.timestamp is None and event.attributes == {"client_timestamp": "2026-11-30T10:00:00Z"}
+
+
+def test_prune_deletes_in_batches(tmp_path, monkeypatch):
+    import client.events as events
+
+    monkeypatch.setattr(events, "PRUNE_BATCH", 2)
+    store = EventStore(tmp_path / "events.db", max_queries=1)
+    ids = [_query(store, text=f"q{i}") for i in range(6)]
+    assert store.prune() == 5 and [q.query_id for q in store.queries()] == ids[-1:]
