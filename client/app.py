@@ -55,6 +55,7 @@ from client.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE  # noqa: E402
 from client.metrics import Metrics  # noqa: E402
 from client.search import Searcher, SearchResult  # noqa: E402
 from core.catalog import DEFAULT_CATALOG, ColumnMap, ImageFetcher, has_image_ref, read_catalog  # noqa: E402
+from core.interleaving import team_draft  # noqa: E402
 from core.specs import QUERY_ENCODER  # noqa: E402
 
 logger = logging.getLogger("client.app")
@@ -69,6 +70,7 @@ MAX_SEARCHES = 2 * usable_cpus()
 DEFAULT_EVENTS = "runs/events.db"
 MAX_EVENTS_BYTES = 256 * 1024  # one POST /api/events: a page's batch of events is a few KB
 EXPLORE_DEPTH = 10  # an explored search shows its top this-many in a random order (client/events.py, clickmodels)
+INTERLEAVED = "interleaved"  # the model label of interleaved searches' impressions and events in /metrics
 IMAGE_TYPES = {b"\xff\xd8": "image/jpeg", b"\x89P": "image/png", b"RI": "image/webp", b"GI": "image/gif"}
 
 
@@ -170,21 +172,27 @@ class Backend:
         if close:
             shared.close()
 
-    def _searcher(self, milvus: _Shared) -> Searcher:
+    def _searcher(self, milvus: _Shared, collection: str) -> Searcher:
+        """This thread's searcher of a serving name (the page's, or an interleaving candidate's), remade with the
+        thread's clients after a Milvus or Triton failure."""
         local = self._local
-        searcher = getattr(local, "searcher", None)
-        if searcher is not None and (local.milvus is not milvus or local.triton != self._triton_generation):
-            searcher.close()  # its own Triton clients; the Milvus client is the leases' to close
-            searcher = local.searcher = None
+        searchers = getattr(local, "searchers", None)
+        if searchers is not None and (local.milvus is not milvus or local.triton != self._triton_generation):
+            for stale in searchers.values():
+                stale.close()  # its own Triton clients; the Milvus client is the leases' to close
+            searchers = None
+        if searchers is None:
+            searchers = local.searchers = {}
+            local.milvus, local.triton = milvus, self._triton_generation
+        searcher = searchers.get(collection)
         if searcher is None:
-            triton = self._triton_generation
             encoder = TritonEncoder(self.triton_url, self.protocol, timeout_s=self.timeout_s)
             try:  # the searcher checks the model set its collection records is ready
-                searcher = Searcher(encoder, milvus.client, self.collection)
+                searcher = Searcher(encoder, milvus.client, collection)
             except BaseException:
                 encoder.close()
                 raise
-            local.searcher, local.milvus, local.triton = searcher, milvus, triton
+            searchers[collection] = searcher
         return searcher
 
     def _verdict(self, exc: BaseException) -> str | None:
@@ -216,9 +224,12 @@ class Backend:
             self._release(shared, probe, verdict)
 
     def search(self, text: str | None, image: bytes | None, k: int, expression: str,
-               mode: str = "hybrid") -> SearchResult:
+               mode: str = "hybrid", collection: str | None = None) -> SearchResult:
+        """A search of the page's serving name, or of `collection` (another serving name: a candidate's)."""
+        name = collection or self.collection
         try:
-            return self._using_milvus(lambda shared: self._searcher(shared).search(text, image, k, expression, mode))
+            return self._using_milvus(lambda shared: self._searcher(shared, name).search(text, image, k, expression,
+                                                                                         mode))
         except EncodingError as exc:
             raise ApiError(400, str(exc)) from None
         except EncoderUnavailable as exc:
@@ -236,7 +247,7 @@ class Backend:
 
     def fingerprint(self) -> str:
         """The served model's fingerprint, as this thread's Triton client last read it."""
-        searcher = getattr(self._local, "searcher", None)
+        searcher = (getattr(self._local, "searchers", None) or {}).get(self.collection)
         return searcher.fingerprint if searcher is not None else "unknown"
 
     def health(self) -> dict:
@@ -369,13 +380,18 @@ def _shopper_id(name: str, value: str | None) -> str | None:
 
 def create_app(backend: Backend, images: CatalogImages, max_upload_bytes: int = MAX_UPLOAD_BYTES,
                max_searches: int = MAX_SEARCHES, events: EventStore | None = None, explore_share: float = 0.0,
-               seed: int | None = None) -> FastAPI:
+               seed: int | None = None, candidate: str | None = None, interleave_share: float = 0.0) -> FastAPI:
     """The page and API. `max_searches` searches run at once, the rest wait in arrival order (0: no limit).
     `events`: where searches and shoppers' events are logged (None: nothing is). `explore_share`: the share of
     searches whose top EXPLORE_DEPTH results are shown in a random order, recorded with the query, so a click
-    model can tell position from attractiveness (core/clickmodels.py)."""
-    if not 0.0 <= explore_share <= 1.0:
-        raise ValueError(f"explore_share is a share of searches, in [0, 1], not {explore_share}")
+    model can tell position from attractiveness (core/clickmodels.py). `candidate`: another serving name (a
+    candidate model's collection or route); `interleave_share` of searches then show the page's results and the
+    candidate's merged by team draft (core/interleaving.py), each product's team logged with the query."""
+    for name, share in (("explore_share", explore_share), ("interleave_share", interleave_share)):
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"{name} is a share of searches, in [0, 1], not {share}")
+    if interleave_share and not candidate:
+        raise ValueError("interleaving needs a candidate serving name to interleave with")
     app = FastAPI(title="mmsearch", description="Multimodal product search: text or photo to products.",
                   version="0.1.0")
     # Multipart framing and form fields come on top of the photo itself.
@@ -410,13 +426,37 @@ def create_app(backend: Backend, images: CatalogImages, max_upload_bytes: int = 
         result.hits[:EXPLORE_DEPTH] = top
         return True
 
+    def interleaved(kind: str, text: str | None, image_data: bytes | None, k: int, expression: str, mode: str,
+                    result: SearchResult) -> dict | None:
+        """For an `interleave_share` of searches, the candidate's results merged into `result` by team draft;
+        what was done (the teams, the candidate's model and collection), or None. A candidate that fails leaves
+        the page's results as they are: counted and logged, never the shopper's problem."""
+        if not interleave_share or events is None:
+            return None
+        with rng_lock:
+            if rng.random() >= interleave_share:
+                return None
+            draft = random.Random(rng.random())
+        try:
+            other = searched(kind, text, image_data, k, expression, mode, candidate)
+        except ApiError as exc:
+            logger.warning("the interleaving candidate %r failed: %s", candidate, exc.message)
+            metrics.error("interleave")
+            return None
+        by_id = {h.product_id: h for h in other.hits} | {h.product_id: h for h in result.hits}
+        shown = team_draft([h.product_id for h in result.hits], [h.product_id for h in other.hits], k, draft)
+        result.hits = [by_id[i] for i in shown.ids]
+        return {"teams": "".join(shown.teams), "candidate_model": other.model, "candidate_collection": other.collection}
+
     def logged(kind: str, user_query: str, result: SearchResult, attributes: dict, client_id: str | None,
-               session_id: str | None) -> str | None:
+               session_id: str | None, interleave: dict | None = None) -> str | None:
         """The query_id of a served search, logged with what it showed; None when logging is off or failed (the
         search is still answered: a failing store is counted and logged, never the shopper's problem)."""
         if events is None:
             return None
-        if explored(result):
+        if interleave is not None:  # team A: the page's model (the query's), team B: the candidate
+            attributes["interleave"] = interleave
+        elif explored(result):
             attributes["explore"] = f"shuffle-top-{EXPLORE_DEPTH}"
         try:
             query_id = events.log_query(kind, user_query, attributes, result.model, result.collection,
@@ -425,14 +465,14 @@ def create_app(backend: Backend, images: CatalogImages, max_upload_bytes: int = 
             logger.warning("the event store failed to log a search", exc_info=True)
             metrics.error("event_store")
             return None
-        metrics.impressions(result.model, len(result.hits))
+        metrics.impressions(INTERLEAVED if interleave is not None else result.model, len(result.hits))
         return query_id
 
     def searched(kind: str, text: str | None, image_data: bytes | None, k: int, expression: str,
-                 mode: str = "hybrid") -> SearchResult:
+                 mode: str = "hybrid", collection: str | None = None) -> SearchResult:
         started = time.perf_counter()
         if slots is None:
-            result = backend.search(text, image_data, k, expression, mode)
+            result = backend.search(text, image_data, k, expression, mode, collection)
         else:
             try:
                 slots.acquire()
@@ -440,7 +480,7 @@ def create_app(backend: Backend, images: CatalogImages, max_upload_bytes: int = 
                 raise ApiError(503, str(exc), "overload") from None
             try:
                 metrics.queued(kind, time.perf_counter() - started)
-                result = backend.search(text, image_data, k, expression, mode)
+                result = backend.search(text, image_data, k, expression, mode, collection)
             finally:
                 slots.release()
         metrics.observe(kind, result.embed_ms / 1e3, result.search_ms / 1e3, time.perf_counter() - started)
@@ -484,8 +524,9 @@ def create_app(backend: Backend, images: CatalogImages, max_upload_bytes: int = 
         expression = _filters(category=category, article_type=article_type, colour=colour, gender=gender,
                               usage=usage, min_price=min_price, max_price=max_price)
         result = searched("text", q, None, k, expression, mode)
+        interleave = interleaved("text", q, None, k, expression, mode, result)
         query_id = logged("text", q, result, {"mode": result.mode, "k": k, "filter": expression},
-                          client_id, session_id)
+                          client_id, session_id, interleave)
         return JSONResponse(_hits(result, query_id))
 
     @app.post("/api/search/image", summary="Search with a photo (JPEG, PNG or WebP)")
@@ -503,12 +544,13 @@ def create_app(backend: Backend, images: CatalogImages, max_upload_bytes: int = 
         expression = _filters(category=category, article_type=article_type, colour=colour, gender=gender,
                               min_price=min_price, max_price=max_price)
         result = searched("image", None, data, k, expression)
+        interleave = interleaved("image", None, data, k, expression, "dense", result)
         result.query = file.filename or "<image>"
         # A photo is logged by its name and digest, not its bytes: the log stays small, and the same photo
         # searched twice is recognisably one query.
         user_query = f"{result.query} sha1:{hashlib.sha1(data).hexdigest()[:16]}"
         query_id = logged("image", user_query, result, {"mode": result.mode, "k": k, "filter": expression},
-                          client_id, session_id)
+                          client_id, session_id, interleave)
         return JSONResponse(_hits(result, query_id))
 
     @app.post("/api/events", summary="Log shoppers' events (UBI): one event or a list")
@@ -535,7 +577,8 @@ def create_app(backend: Backend, images: CatalogImages, max_upload_bytes: int = 
             raise ApiError(503, f"the event store failed ({exc}): nothing of this request was logged",
                            "event_store") from None
         for event, query in zip(parsed, served):
-            metrics.event(event.action_name, query.model, event.position)
+            metrics.event(event.action_name, INTERLEAVED if "interleave" in query.attributes else query.model,
+                          event.position)
         return JSONResponse({"logged": len(parsed)})
 
     @app.get("/images/{product_id}", summary="A product's photo, from the catalog")
@@ -577,6 +620,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--explore-share", type=float, default=0.0,
                    help="share of searches (0 to 1) whose top results are shown in a random order and logged as "
                         "such, so position bias can be estimated from the logs (core/clickmodels.py)")
+    p.add_argument("--candidate", default=None,
+                   help="serving name (collection or route) of a candidate model to interleave with "
+                        "(python -m client.interleave reads the verdict from the event log)")
+    p.add_argument("--interleave-share", type=float, default=0.0,
+                   help="share of searches (0 to 1) that show the page's and the candidate's results merged by team "
+                        "draft; needs --candidate and the event log")
     add_connection_args(p)
     ColumnMap.add_arguments(p)
     return p.parse_args(argv)
@@ -597,8 +646,10 @@ def main(argv: list[str] | None = None) -> None:
     events = (EventStore(args.events, args.events_retention_days, args.events_max_queries)
               if args.events else None)
     logger.info("event log: %s", events.path if events else "off (--events '')")
+    if args.interleave_share and not (args.candidate and events):
+        raise SystemExit("error: --interleave-share needs --candidate and an event log (--events)")
     app = create_app(backend, images, args.max_upload_mb * 1024 * 1024, args.max_searches, events,
-                     args.explore_share)
+                     args.explore_share, candidate=args.candidate, interleave_share=args.interleave_share)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 

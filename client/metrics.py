@@ -14,7 +14,7 @@ from prometheus_client.core import CounterMetricFamily
 from client.encoder import resends
 
 STAGES = ("queue", "embed", "search", "total")  # queue: waiting for a search slot (client/app.py MAX_SEARCHES)
-ERROR_CLASSES = ("bad_input", "triton", "milvus", "overload", "event_store", "internal")
+ERROR_CLASSES = ("bad_input", "triton", "milvus", "overload", "event_store", "interleave", "internal")
 POSITIONS = 20  # impressions and events are counted per position up to this; later ones share the label "21+"
 # Seconds: a search here is ~5-25 ms on the CPU flavour; seconds-long ones are outages.
 BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0, 10.0)

@@ -304,3 +304,45 @@ def test_simulated_shoppers_drive_the_page_and_the_click_model_reads_their_logs(
     assert sum(examination[:3]) / 3 > 1.5 * sum(examination[7:]) / 3, examination
     judged = [json.loads(line) for line in (tmp_path / "judgments" / "judgments.jsonl").read_text().splitlines()]
     assert judged and all(0 <= j["rating"] <= 1 and j["impressions"] >= 3 for j in judged)
+
+
+def test_interleaving_logs_each_products_team_and_the_verdict_credits_the_clicked_team(backend, images, tmp_path):
+    """The candidate here is the serving collection itself (an A/A pair: the merged list is the page's own), and
+    the shoppers click only team B's products: the verdict must name B."""
+    from fastapi.testclient import TestClient
+
+    from client.interleave import main as interleave_main
+
+    store = EventStore(tmp_path / "events.db")
+    api = TestClient(create_app(backend, images, events=store, candidate="products", interleave_share=1.0, seed=0))
+    plain = TestClient(create_app(backend, images))
+    queries = ["shirt", "watch", "blue jeans", "black shoes", "red kurta", "bag", "socks", "sunglasses"] * 3
+    for q in queries:
+        body = api.get("/api/search", params={"q": q, "k": 10}).json()
+        assert [h["product_id"] for h in body["hits"]] == [
+            h["product_id"] for h in plain.get("/api/search", params={"q": q, "k": 10}).json()["hits"]]
+        (query,) = [x for x in store.queries() if x.query_id == body["query_id"]]
+        teams = query.attributes["interleave"]["teams"]
+        assert len(teams) == 10 and set(teams) == {"A", "B"} and "explore" not in query.attributes
+        position = teams.index("B") + 1
+        click = {"action_name": "click", "query_id": body["query_id"], "position": position,
+                 "object_id": body["hits"][position - 1]["product_id"]}
+        assert api.post("/api/events", json=click).status_code == 200
+    (report,) = interleave_main(["--events", str(store.path), "--impressions", str(len(queries)), "--json"])
+    v = report["verdict"]
+    assert (v["winner"], v["wins_b"], v["wins_a"], v["impressions"]) == ("B", len(queries), 0, len(queries))
+    assert report["model_a"] == report["model_b"] == query.model
+    assert interleave_main(["--events", str(store.path), "--impressions", "1000"])[0]["verdict"] is None
+    assert re.search(r'mmsearch_impressions_total\{model="interleaved",position="10"\} 24\.0', api.get("/metrics").text)
+
+
+def test_a_failing_candidate_leaves_the_pages_results_and_is_counted(backend, images, tmp_path):
+    from fastapi.testclient import TestClient
+
+    store = EventStore(tmp_path / "events.db")
+    api = TestClient(create_app(backend, images, events=store, candidate="no_such_collection", interleave_share=1.0))
+    body = api.get("/api/search", params={"q": "shirt", "k": 5})
+    assert body.status_code == 200 and len(body.json()["hits"]) == 5
+    (query,) = store.queries()
+    assert "interleave" not in query.attributes
+    assert re.search(r'mmsearch_errors_total\{error_class="interleave"\} 1\.0', api.get("/metrics").text)
