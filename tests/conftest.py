@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -117,3 +121,25 @@ def catalog_with_codes(catalog_path, tmp_path_factory) -> tuple:
         for token in {w for w in title.lower().split() if CODE.match(w)}:
             holders.setdefault(token, []).append(pid)
     return path, sorted(holders.items())
+
+
+@contextmanager
+def serving(app) -> Iterator[str]:
+    """An ASGI app on a free port, served by uvicorn in a thread: its URL."""
+    import uvicorn
+
+    from export.serve import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start in 30 s"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -14,7 +14,7 @@ from pymilvus.exceptions import MilvusException
 from client.app import ApiError, Backend, CatalogImages, create_app
 from core.catalog import read_catalog
 from export.serve import free_port
-from tests.conftest import N_INDEXED
+from tests.conftest import N_INDEXED, serving
 
 pytestmark = pytest.mark.server
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -268,19 +268,8 @@ def test_searches_past_the_slots_wait_in_line_and_an_outage_still_answers_within
 
 @pytest.fixture(scope="module")
 def served_page(app):
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start in 30 s"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    with serving(app) as url:
+        yield url
 
 
 def test_metrics_count_stages_errors_and_the_served_model(api):

@@ -10,7 +10,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
 
 import pytest
 
@@ -21,7 +20,7 @@ from client.milvus_server import MilvusServer
 from client.page_process import PageServer
 from core.catalog import read_catalog
 from export.serve import free_port
-from tests.conftest import N_INDEXED
+from tests.conftest import N_INDEXED, serving
 
 pytestmark = pytest.mark.server
 N_PAGE_PRODUCTS = 120  # indexed into the served Milvus the page processes share
@@ -228,26 +227,6 @@ def test_kill_9_of_the_page_during_a_burst_loses_no_acknowledged_event(triton, s
         page.stop()
     stored = {e[8]["seq"] for e in EventStore(events, read_only=True).events()}
     assert set(acknowledged) <= stored
-
-
-@contextmanager
-def serving(app):
-    """The app on a free port, served by uvicorn in a thread: its URL."""
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start in 30 s"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def test_the_page_sends_its_shoppers_clicks_in_headless_chromium(logged_api):
