@@ -74,3 +74,17 @@ def test_intents_are_the_catalogs_looks_with_enough_products(tmp_path):
     intents, weights, median = load_intents(str(path), seed=0)
     assert intents == [Intent("Shirts", "Blue", "Men")] and weights == [1.0]
     assert median == {"Shirts": 12.5, "Watches": 50.0}
+
+
+def test_held_out_queries_are_distinct_seeded_and_leave_out_the_sessions_texts():
+    from client.simulated_eval import dcg, held_out_queries, ideal_dcg
+
+    intents = [Intent("Shirts", "Blue", "Men"), Intent("Watches", "Black", "Women"), Intent("Jeans", "Blue", "Men")]
+    first = held_out_queries(intents, [1.0, 0.5, 0.3], 20, seed=0)
+    assert first == held_out_queries(intents, [1.0, 0.5, 0.3], 20, seed=0) and len({t for t, _ in first}) == 20
+    excluded = {t for t, _ in first[:10]}
+    again = held_out_queries(intents, [1.0, 0.5, 0.3], 20, seed=0, exclude=excluded)
+    assert not excluded & {t for t, _ in again}
+    assert dcg([2, 0, 1]) == pytest.approx(3 + 1 / 2)
+    products = [BLUE_SHIRT, {**BLUE_SHIRT, "base_colour": "Red"}, {**BLUE_SHIRT, "article_type": "Watches"}]
+    assert ideal_dcg(Intent("Shirts", "Blue", "Men"), products) == pytest.approx(dcg([2, 1, 0]))
