@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +74,21 @@ def judgment_quality(log: ClickLog, fitted: PBM, model: ShopperModel, intents: d
             "mae_raw_low": float(np.abs(raw - truth)[low].mean())}
 
 
+def warm_up(url: str, timeout_s: float = 180.0) -> None:
+    """Searches until one is answered: a page on a Milvus Lite file loads the collection at its first searches,
+    and those fail while it loads; the simulated sessions start on a page that answers."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/api/search?q=shirt&k=1", timeout=30) as response:
+                if response.status == 200:
+                    return
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the page at {url} answered no search in {timeout_s:.0f} s: {exc}") from exc
+        time.sleep(1.0)
+
+
 def write_results(out: Path, record: dict) -> None:
     out.with_suffix(".json").write_text(json.dumps(record, indent=1))
     meta, curve = record["meta"], record["curve"]
@@ -84,12 +100,14 @@ def write_results(out: Path, record: dict) -> None:
         "Every click here is simulated (client/simulated_shoppers.py); the page, Triton, Milvus and the event "
         "store are the real ones.",
         "",
-        f"`{meta['command']}` at {meta['commit']}, {meta['started']}: page on {meta['milvus_uri']}, explore share "
+        f"`{meta['command']}` at {meta['commit']}, {meta['started']}: page on {meta['milvus_uri']}"
+        f"{' (' + meta['model_note'] + ')' if meta.get('model_note') else ''}, explore share "
         f"{meta['explore_share']}, {meta['concurrency']} sessions at once, simulator seed {meta['seed']}, "
         f"examination 1 / r ** {meta['eta']}.",
         "",
         f"After {final['sessions']:,} sessions ({final['searches']:,} searches, {final['explored']:,} explored, "
-        f"{final['clicks']:,} clicks, {final['minutes']:.1f} minutes of traffic):",
+        f"{final['clicks']:,} clicks, {final['minutes']:.1f} minutes of traffic; failed calls: "
+        f"{final['failed'] or 'none'}):",
         "",
         "| position | simulator's examination | from randomized searches | error | PBM joint EM | error "
         "| raw CTR / CTR at 1 (served order) | error |",
@@ -171,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=6, help="simulated sessions at once")
     p.add_argument("--eta", type=float, default=1.0, help="the simulator's examination: 1 / r ** eta")
     p.add_argument("--seed", type=int, default=0, help="the simulator's seed")
+    p.add_argument("--model-note", default="", help="what the page serves, for the results' header")
     p.add_argument("--workdir", type=Path, default=None, help="event store and logs (default: a temporary folder)")
     p.add_argument("--out", type=Path, default=RESULTS / "shoppers", help="results: OUT.json, OUT.md and OUT.png")
     args = p.parse_args(argv)
@@ -192,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     page = PageServer(args.triton_url, args.milvus_uri, args.catalog, port=free_port(), log_file=workdir / "page.log",
                       events=str(events), explore_share=args.explore_share)
     with page:
+        warm_up(page.url)
         simulation = Simulation(page.url, intents, weights, model, args.seed)
         for checkpoint in checkpoints:
             t0 = time.perf_counter()
@@ -225,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python bench/shoppers.py " + " ".join(argv if argv is not None else sys.argv[1:])
     meta = {"command": command.strip(), "commit": commit, "started": started, "milvus_uri": args.milvus_uri,
             "explore_share": args.explore_share, "concurrency": args.concurrency, "seed": args.seed, "eta": args.eta,
-            "simulated": True}
+            "simulated": True, "model_note": args.model_note}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_results(args.out, {"meta": meta, "truth": model.examination, "curve": curve, "judgments": quality})
     logger.info("results in %s.{md,json,png}", args.out)
