@@ -221,10 +221,8 @@ def main(argv: list[str] | None = None) -> int:
             log = click_log(EventStore(events, read_only=True), DEPTH, client_prefix=SIMULATED)
             fitted, joint = judge(log, DEPTH), judge(log, DEPTH, joint=True)
             # What a dashboard of clicks shows: the served order's click rates (the randomized searches left out).
-            served = ~log.randomized
-            shown = np.bincount(log.position[served] - 1, minlength=DEPTH)[:DEPTH]
-            clicks = np.bincount(log.position[served] - 1, weights=log.click[served], minlength=DEPTH)[:DEPTH]
-            raw = [float(c / n / (clicks[0] / shown[0])) for c, n in zip(clicks, shown)]
+            raw = log.raw_ctr(DEPTH, where=~log.randomized)
+            raw = [r / raw[0] for r in raw]
             point = {"sessions": done, "searches": log.searches, "explored": log.explored,
                      "clicks": int(log.click.sum()), "minutes": seconds / 60,
                      "examination": [float(g) for g in fitted.examination],

@@ -43,6 +43,7 @@ from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response  # noqa: E402
 from starlette.concurrency import run_in_threadpool  # noqa: E402
 
+from client import events as events_store  # noqa: E402
 from client import serving, store  # noqa: E402
 from client.admission import Overloaded, Slots, usable_cpus  # noqa: E402
 from client.connection import add_connection_args  # noqa: E402
@@ -67,7 +68,6 @@ MAX_QUERY_CHARS = 1000  # a query longer than this is not a search: a 400, befor
 # (bench/results/service.md); where searches mostly wait on remote servers, more cores come with more slots.
 # A container's CPU limit counts, not the node's cores.
 MAX_SEARCHES = 2 * usable_cpus()
-DEFAULT_EVENTS = "runs/events.db"
 MAX_EVENTS_BYTES = 256 * 1024  # one POST /api/events: a page's batch of events is a few KB
 EXPLORE_DEPTH = 10  # an explored search shows its top this-many in a random order (client/events.py, clickmodels)
 INTERLEAVED = "interleaved"  # the model label of interleaved searches' impressions and events in /metrics
@@ -610,7 +610,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-searches", type=int, default=MAX_SEARCHES,
                    help="searches run at once; more wait their turn in arrival order, each at most --timeout "
                         "seconds (then 503: overloaded); 0: every request thread searches at once")
-    p.add_argument("--events", default=DEFAULT_EVENTS,
+    p.add_argument("--events", default=events_store.DEFAULT_PATH,
                    help="SQLite file where searches and shoppers' events are logged, shared by every page worker on "
                         "this host; '' logs nothing (responses then carry query_id null and /api/events answers 503)")
     p.add_argument("--events-retention-days", type=float, default=RETENTION_DAYS,

@@ -24,7 +24,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from client.events import APPLICATION, OBJECT_ID_FIELD, EventStore, LoggedQuery
+from client.events import APPLICATION, OBJECT_ID_FIELD, EventStore, LoggedQuery, add_reader_argument, open_reader
 
 logger = logging.getLogger("client.event_export")
 FORMATS = ("ubi", "parquet")
@@ -102,14 +102,12 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     p = argparse.ArgumentParser(prog="python -m client.event_export", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--events", default="runs/events.db", help="the page's event store (its --events)")
+    add_reader_argument(p)
     p.add_argument("--out", default="runs/events-export", help="folder the files are written to")
     p.add_argument("--format", choices=FORMATS, action="append",
                    help="ubi (NDJSON in UBI's schema) or parquet; repeat for both; default: both")
     args = p.parse_args(argv)
-    if not Path(args.events).is_file():
-        p.error(f"no event store at {args.events}: the page logs to its --events file")
-    written = export(EventStore(args.events, read_only=True), args.out, tuple(args.format or FORMATS))
+    written = export(open_reader(p, args.events), args.out, tuple(args.format or FORMATS))
     for name, rows in written.items():
         logger.info("%s: %d rows", Path(args.out) / name, rows)
 

@@ -37,6 +37,7 @@ from pathlib import Path
 
 logger = logging.getLogger("client.events")
 
+DEFAULT_PATH = "runs/events.db"  # the page's --events, and what the tools that read the log open
 APPLICATION = "mmsearch"
 OBJECT_ID_FIELD = "product_id"
 ACTIONS = ("impression", "click", "add_to_cart", "purchase")
@@ -322,6 +323,19 @@ class EventStore:
         if connection is not None:
             connection.close()
             self._local.connection = None
+
+
+def add_reader_argument(p) -> None:
+    """--events for the commands that read the page's log (export, judgments, interleaving verdicts)."""
+    p.add_argument("--events", default=DEFAULT_PATH, help="the page's event store (its --events)")
+
+
+def open_reader(p, path: str) -> EventStore:
+    """The store at `path`, read-only; a missing one is the command line's error (argparse `p`), said plainly."""
+    try:
+        return EventStore(path, read_only=True)
+    except FileNotFoundError:
+        p.error(f"no event store at {path}: the page logs to its --events file")
 
 
 def _logged_query(row: tuple) -> LoggedQuery:

@@ -23,7 +23,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from client.events import EventStore
+from client.events import EventStore, add_reader_argument, open_reader
 from core.interleaving import Verdict, credit, verdict
 
 logger = logging.getLogger("client.interleave")
@@ -61,16 +61,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     p = argparse.ArgumentParser(prog="python -m client.interleave", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--events", default="runs/events.db", help="the page's event store (its --events)")
+    add_reader_argument(p)
     p.add_argument("--impressions", type=int, default=None,
                    help="the planned number of interleaved searches the verdict is taken on (default: all so far, "
                         "for a look; a decision needs the horizon fixed in advance)")
     p.add_argument("--alpha", type=float, default=0.05, help="significance level of the sign test")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     args = p.parse_args(argv)
-    if not Path(args.events).is_file():
-        p.error(f"no event store at {args.events}: the page logs to its --events file")
-    reports = report(EventStore(args.events, read_only=True), args.impressions, args.alpha)
+    reports = report(open_reader(p, args.events), args.impressions, args.alpha)
     if args.json:
         print(json.dumps(reports, indent=1))
     elif not reports:

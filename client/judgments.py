@@ -31,7 +31,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from client.events import EventStore
+from client.events import EventStore, add_reader_argument, open_reader
 from core.clickmodels import PBM, examination_from_randomized, fit_pbm
 
 logger = logging.getLogger("client.judgments")
@@ -51,9 +51,11 @@ class ClickLog:
     searches: int
     explored: int  # searches whose top was shown in a random order
 
-    def raw_ctr(self, depth: int) -> list[float | None]:
-        shown = np.bincount(self.position - 1, minlength=depth)[:depth]
-        clicked = np.bincount(self.position - 1, weights=self.click, minlength=depth)[:depth]
+    def raw_ctr(self, depth: int, where: np.ndarray | None = None) -> list[float | None]:
+        """Click-through rate per position, over the impressions `where` selects (default: all)."""
+        position, click = (self.position, self.click) if where is None else (self.position[where], self.click[where])
+        shown = np.bincount(position - 1, minlength=depth)[:depth]
+        clicked = np.bincount(position - 1, weights=click, minlength=depth)[:depth]
         return [float(c / s) if s else None for c, s in zip(clicked, shown)]
 
 
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     p = argparse.ArgumentParser(prog="python -m client.judgments", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--events", default="runs/events.db", help="the page's event store (its --events)")
+    add_reader_argument(p)
     p.add_argument("--out", default="runs/judgments", help="folder of judgments.jsonl and click_model.json")
     p.add_argument("--depth", type=int, default=DEPTH, help="positions of each search the click model sees")
     p.add_argument("--min-impressions", type=int, default=MIN_IMPRESSIONS,
@@ -141,9 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--client-prefix", default="",
                    help="judge only the searches of client_ids starting with this (e.g. 'simulated-')")
     args = p.parse_args(argv)
-    if not Path(args.events).is_file():
-        p.error(f"no event store at {args.events}: the page logs to its --events file")
-    log = click_log(EventStore(args.events, read_only=True), args.depth, args.client_prefix)
+    log = click_log(open_reader(p, args.events), args.depth, args.client_prefix)
     model = judge(log, args.depth, args.prior, args.joint)
     n = write(Path(args.out), log, model, args.depth, args.min_impressions, args.joint)
     report = json.loads((Path(args.out) / "click_model.json").read_text())

@@ -27,7 +27,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from client.simulated_shoppers import DEPTH, SIMULATED, Intent, load_intents, phrase
+from client.simulated_shoppers import DEPTH, SIMULATED, Intent, draw_intent, load_intents, phrase
 from core.catalog import DEFAULT_CATALOG, read_catalog
 
 logger = logging.getLogger("client.simulated_eval")
@@ -43,11 +43,7 @@ def held_out_queries(intents: Sequence[Intent], weights: Sequence[float], n: int
     for _ in range(100 * n):
         if len(out) >= n:
             break
-        intent = rng.choices(intents, weights)[0]
-        if rng.random() < 1 / 3:
-            intent = Intent(intent.article_type, "", intent.gender)
-        if rng.random() < 1 / 5:
-            intent = Intent(intent.article_type, intent.colour, "")
+        intent = draw_intent(intents, weights, rng)
         text = phrase(intent, rng)
         if text not in exclude and text not in out:
             out[text] = intent

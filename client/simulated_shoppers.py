@@ -144,6 +144,17 @@ def load_intents(catalog: str, seed: int, limit: int | None = None) -> tuple[lis
     return intents, weights, median
 
 
+def draw_intent(intents: Sequence[Intent], weights: Sequence[float], rng: random.Random) -> Intent:
+    """A shopper's intent: a look by the Zipf weights; a third of the time without its colour, a fifth without its
+    gender."""
+    intent = rng.choices(intents, weights)[0]
+    if rng.random() < 1 / 3:
+        intent = Intent(intent.article_type, "", intent.gender)
+    if rng.random() < 1 / 5:
+        intent = Intent(intent.article_type, intent.colour, "")
+    return intent
+
+
 def phrase(intent: Intent, rng: random.Random) -> str:
     """A shopper's query for the intent, in PHRASINGS (lowercase, maybe with a letter dropped)."""
     options = [p for p in PHRASINGS
@@ -189,11 +200,7 @@ class Simulation:
     def session(self, number: int) -> None:
         """One shopper's visit, seeded by its number: the same sessions whatever the concurrency."""
         rng = random.Random(self.seed * 1_000_003 + number)
-        intent = rng.choices(self.intents, self.weights)[0]
-        if rng.random() < 1 / 3:
-            intent = Intent(intent.article_type, "", intent.gender)
-        if rng.random() < 1 / 5:
-            intent = Intent(intent.article_type, intent.colour, "")
+        intent = draw_intent(self.intents, self.weights, rng)
         client_id, session_id = f"{SIMULATED}-shopper-{self.seed}-{number}", f"{SIMULATED}-session-{self.seed}-{number}"
         for _ in range(MAX_QUERIES):
             text = phrase(intent, rng)
