@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup system-deps demo page serve stop test test-fast bench long-tail shoppers lint clean
+.PHONY: setup system-deps demo page serve stop test test-fast bench long-tail shoppers learn lint clean
 
 setup:
 	./scripts/setup.sh
@@ -57,6 +57,11 @@ long-tail: setup
 shoppers: setup
 	$(PY) bench/shoppers.py
 	$(PY) bench/event_logging.py
+
+# The learning loop on the shared deployment (`make serve` first): SIMULATED shoppers, judgments, a query tower
+# trained from them, offline and interleaved evaluation, then the gate promotes it or refuses (runs/learning/).
+learn: setup
+	$(PY) -m client.learning_loop
 
 lint: setup
 	.venv/bin/ruff check .

@@ -34,7 +34,7 @@ from client.events import EventStore  # noqa: E402
 from client.page_process import PageServer  # noqa: E402
 from core.catalog import DEFAULT_CATALOG  # noqa: E402
 from core.queries import CODES_EVAL_SET, DEFAULT_EVAL_SET, NAMES_EVAL_SET, QuerySet  # noqa: E402
-from export.serve import free_port  # noqa: E402
+from core.server_process import free_port  # noqa: E402
 
 logger = logging.getLogger("bench.event_logging")
 RESULTS = ROOT / "bench" / "results"

@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from client.milvus_server import MilvusServer  # noqa: E402
 from core.catalog import DEFAULT_CATALOG  # noqa: E402
-from export.serve import TritonServer, free_port  # noqa: E402
+from core.server_process import free_port  # noqa: E402
+from export.serve import TritonServer  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 

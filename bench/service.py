@@ -76,7 +76,8 @@ from client.search import FACET_DEPTH  # noqa: E402
 from core.catalog import DEFAULT_CATALOG, ImageFetcher, read_catalog  # noqa: E402
 from core.metrics import percentiles  # noqa: E402
 from core.queries import CODES_EVAL_SET, DEFAULT_EVAL_SET, NAMES_EVAL_SET, QuerySet  # noqa: E402
-from export.serve import TritonServer, free_port  # noqa: E402
+from core.server_process import free_port  # noqa: E402
+from export.serve import TritonServer  # noqa: E402
 
 logger = logging.getLogger("bench.service")
 LOCUSTFILE = ROOT / "bench" / "locustfile.py"

@@ -21,7 +21,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +35,7 @@ from client.page_process import PageServer  # noqa: E402
 from client.simulated_shoppers import DEPTH, SIMULATED, Intent, ShopperModel, Simulation, load_intents  # noqa: E402
 from core.catalog import DEFAULT_CATALOG, read_catalog  # noqa: E402
 from core.clickmodels import PBM  # noqa: E402
-from export.serve import free_port  # noqa: E402
+from core.server_process import free_port  # noqa: E402
 
 logger = logging.getLogger("bench.shoppers")
 RESULTS = ROOT / "bench" / "results"
@@ -72,21 +71,6 @@ def judgment_quality(log: ClickLog, fitted: PBM, model: ShopperModel, intents: d
             "mae_judged": float(np.abs(judged - truth).mean()), "mae_raw": float(np.abs(raw - truth).mean()),
             "low_pairs": int(low.sum()), "mae_judged_low": float(np.abs(judged - truth)[low].mean()),
             "mae_raw_low": float(np.abs(raw - truth)[low].mean())}
-
-
-def warm_up(url: str, timeout_s: float = 180.0) -> None:
-    """Searches until one is answered: a page on a Milvus Lite file loads the collection at its first searches,
-    and those fail while it loads; the simulated sessions start on a page that answers."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/api/search?q=shirt&k=1", timeout=30) as response:
-                if response.status == 200:
-                    return
-        except OSError as exc:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the page at {url} answered no search in {timeout_s:.0f} s: {exc}") from exc
-        time.sleep(1.0)
 
 
 def write_results(out: Path, record: dict) -> None:
@@ -211,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     page = PageServer(args.triton_url, args.milvus_uri, args.catalog, port=free_port(), log_file=workdir / "page.log",
                       events=str(events), explore_share=args.explore_share)
     with page:
-        warm_up(page.url)
+        page.warm_up()
         simulation = Simulation(page.url, intents, weights, model, args.seed)
         for checkpoint in checkpoints:
             t0 = time.perf_counter()

@@ -22,7 +22,9 @@ from core.specs import (
     IMAGE,
     IMAGE_ENCODER,
     IMAGE_PREPROCESS,
+    LEXICAL_WEIGHT_PARAMETER,
     PRODUCT_ENCODER,
+    PRODUCT_SPACE_PARAMETER,
     QUERY,
     QUERY_ENCODER,
     QUERY_IMAGE_PREPROCESS,
@@ -165,10 +167,8 @@ class TritonEncoder:
         output = next(t for t in self.metadata(QUERY_ENCODER)["outputs"] if t["name"] == OUTPUT)
         return int(output["shape"][-1])
 
-    @property
-    def fingerprint(self) -> str:
-        """Which weights and graph variant Triton serves (export's "fingerprint" config parameter)."""
-        if "fingerprint" not in self._metadata:
+    def _parameters(self) -> dict:
+        if "parameters" not in self._metadata:
             try:
                 config = self.client.get_model_config(self.served(QUERY_ENCODER), **(
                     {"as_json": True, **self._deadline} if self.protocol == "grpc" else {}))
@@ -176,9 +176,28 @@ class TritonEncoder:
                 model = self.served(QUERY_ENCODER)
                 raise self._unavailable(f"no config for model {model!r} ({_reason(exc)})") from None
             config = config.get("config", config)  # gRPC wraps it, HTTP does not
-            value = config.get("parameters", {}).get(FINGERPRINT_PARAMETER, {}).get("string_value", "")
-            self._metadata["fingerprint"] = value or "unknown"  # a repository exported before fingerprints
-        return self._metadata["fingerprint"]
+            self._metadata["parameters"] = {k: v.get("string_value", "")
+                                            for k, v in config.get("parameters", {}).items()}
+        return self._metadata["parameters"]
+
+    @property
+    def fingerprint(self) -> str:
+        """Which weights and graph variant Triton serves (export's "fingerprint" config parameter)."""
+        return self._parameters().get(FINGERPRINT_PARAMETER) or "unknown"  # exported before fingerprints: unknown
+
+    @property
+    def product_space(self) -> str:
+        """The model whose product vectors this set's queries are embedded against (export's "product_space"
+        parameter): its own fingerprint, or the base model's for a query tower trained on its own (a
+        query-side model set, training/from_judgments.py)."""
+        return self._parameters().get(PRODUCT_SPACE_PARAMETER) or self.fingerprint
+
+    @property
+    def lexical_weight(self) -> float | None:
+        """This model set's lexical weight in hybrid fusion (export's "lexical_weight" parameter; None: the
+        default, client/fusion.py)."""
+        value = self._parameters().get(LEXICAL_WEIGHT_PARAMETER)
+        return float(value) if value else None
 
     @property
     def multimodal(self) -> bool:

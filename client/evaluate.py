@@ -50,9 +50,14 @@ def _ranked(client, collection: str, vectors, k: int, index: tuple[str, str]) ->
 
 def evaluate_served(encoder: TritonEncoder, client, queries: Path, catalog: str | None,
                     columns: ColumnMap | None = None, collection: str = store.COLLECTION,
-                    batch_size: int = 32, mode: str = "hybrid") -> dict:
+                    batch_size: int = 32, mode: str = "hybrid", image_encoder: TritonEncoder | None = None) -> dict:
+    """Metrics per query kind of `collection` searched as served: text queries embedded by `encoder` (the
+    collection's model, or a query model set trained into its product space), photos by `image_encoder`
+    (default `encoder`; a query-side set's photos are the collection's own model's)."""
     qs = QuerySet.load(queries)
-    store.check_model(client, collection, encoder.fingerprint)
+    store.check_model(client, collection, encoder.product_space)
+    image_encoder = image_encoder or encoder
+    store.check_model(client, collection, image_encoder.fingerprint)
     index = store.collection_index(client, collection)
     client.load_collection(collection)
     k = max(KS)
@@ -68,7 +73,8 @@ def evaluate_served(encoder: TritonEncoder, client, queries: Path, catalog: str 
         dense = ([[]] * len(texts) if mode == "lexical" else
                  store.search(client, encoder.embed_queries(texts), k, collection, index=index))
         lexical = [[]] * len(texts) if mode == "dense" else store.lexical_search(client, texts, k, collection)
-        return [[h.product_id for h in combine(mode, d, lx, index[1])[:k]] for d, lx in zip(dense, lexical)]
+        weight = encoder.lexical_weight
+        return [[h.product_id for h in combine(mode, d, lx, index[1], weight)[:k]] for d, lx in zip(dense, lexical)]
 
     def keep(queries_, relevant_lists, groups):
         kept = [(q, [r for r in rel if r in indexed], g) for q, rel, g in zip(queries_, relevant_lists, groups)]
@@ -85,7 +91,7 @@ def evaluate_served(encoder: TritonEncoder, client, queries: Path, catalog: str 
     # Dropped here, not by without_query_products below, so the groups stay parallel to what is scored.
     image_items = [(q, rel, g) for q, rel, g in keep(qs.image_ids, qs.image_relevant, qs.image_groups)
                    if finds_others(q, rel)]
-    if image_items and encoder.multimodal:
+    if image_items and image_encoder.multimodal:
         if catalog is None:
             raise ValueError("image queries need --catalog (the query is a catalog product's photo)")
         df, _ = read_catalog(catalog, columns)
@@ -101,7 +107,7 @@ def evaluate_served(encoder: TritonEncoder, client, queries: Path, catalog: str 
                     logger.warning("image query %s skipped: %s", product_id, exc)
             if batch:
                 # One more than k: the photo's own product is dropped from its ranking below.
-                ranked += _ranked(client, collection, encoder.embed_images([b[0] for b in batch]), k + 1, index)
+                ranked += _ranked(client, collection, image_encoder.embed_images([b[0] for b in batch]), k + 1, index)
                 relevant += [b[1] for b in batch]
                 photo_ids += [b[2] for b in batch]
                 groups += [b[3] for b in batch]
@@ -133,10 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         client = connect(args)
         record = serving.collection_record(client, args.collection)  # the collection the name serves now
-        encoder = TritonEncoder(args.triton_url, args.protocol, args.batch_timeout, tag=record.tag)
+        encoder = TritonEncoder(args.triton_url, args.protocol, args.batch_timeout, tag=record.query_model_set)
         encoder.check_ready([QUERY_ENCODER])
+        images = (TritonEncoder(args.triton_url, args.protocol, args.batch_timeout, tag=record.tag)
+                  if record.query_tag is not None else None)
         result = evaluate_served(encoder, client, args.queries, args.catalog, ColumnMap.from_args(args),
-                                 record.collection, args.batch_size, args.mode)
+                                 record.collection, args.batch_size, args.mode, image_encoder=images)
     except (EncoderUnavailable, EncodingError, store.StoreError, CatalogError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

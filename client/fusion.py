@@ -43,15 +43,18 @@ def dense_similarity(metric: str) -> Callable[[float], float]:
 
 
 def fuse(dense: Sequence[Hit], lexical: Sequence[Hit], similarity: Callable[[float], float] = float,
-         weight: float | None = None) -> list[Hit]:
+         weight: float | None = None, base_weight: float | None = None) -> list[Hit]:
     """One ranking from both lists: weight * bm25 / best bm25 + (1 - weight) * dense similarity.
 
     `similarity` turns the dense list's Milvus distance into a similarity (see dense_similarity); a
-    product missing from one list gets 0 from it. `weight` None is the shipped rule (BASE_WEIGHT,
-    CONFIDENT_WEIGHT when BM25 is confident); a number fixes it (what the benchmark compares).
+    product missing from one list gets 0 from it. `weight` None is the shipped rule (`base_weight`, by
+    default BASE_WEIGHT; CONFIDENT_WEIGHT when BM25 is confident); a number fixes it (what the benchmark
+    compares). A query model set may carry its own base weight, fitted on shoppers' judgments
+    (client/learning_loop.py); the confident rule, which finds codes and names, stays.
     """
     if weight is None:
-        weight = CONFIDENT_WEIGHT if lexical_confidence(lexical) >= CONFIDENCE_RATIO else BASE_WEIGHT
+        confident = lexical_confidence(lexical) >= CONFIDENCE_RATIO
+        weight = CONFIDENT_WEIGHT if confident else (BASE_WEIGHT if base_weight is None else base_weight)
     scores: dict[str, float] = {}
     fields: dict[str, dict] = {}
     best = lexical[0].score if lexical and lexical[0].score > 0 else 1.0
@@ -65,10 +68,12 @@ def fuse(dense: Sequence[Hit], lexical: Sequence[Hit], similarity: Callable[[flo
     return [Hit(pid, score, fields[pid]) for pid, score in ranked]
 
 
-def combine(mode: str, dense: Sequence[Hit], lexical: Sequence[Hit], metric: str) -> list[Hit]:
-    """The ranking a search mode returns from the two lists Milvus gave (a list the mode skips is empty)."""
+def combine(mode: str, dense: Sequence[Hit], lexical: Sequence[Hit], metric: str,
+            base_weight: float | None = None) -> list[Hit]:
+    """The ranking a search mode returns from the two lists Milvus gave (a list the mode skips is empty);
+    `base_weight`: the query model set's own lexical weight (None: BASE_WEIGHT)."""
     if mode == "hybrid":
-        return fuse(dense, lexical, dense_similarity(metric))
+        return fuse(dense, lexical, dense_similarity(metric), base_weight=base_weight)
     return list(lexical if mode == "lexical" else dense)
 
 

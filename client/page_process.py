@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,3 +62,18 @@ class PageServer(ServerProcess):
     def ready(self) -> bool:
         with urllib.request.urlopen(f"{self.url}/api/health", timeout=10) as response:
             return response.status == 200
+
+    def warm_up(self, timeout_s: float = 180.0) -> None:
+        """Searches until one is answered: a page on a Milvus Lite file loads the collection at its first
+        searches, and those fail while it loads; traffic starts on a page that answers."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.url}/api/search?q=shirt&k=1", timeout=30) as response:
+                    if response.status == 200:
+                        return
+            except OSError as exc:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the page at {self.url} answered no search in {timeout_s:.0f} s: "
+                                       f"{exc}") from exc
+            time.sleep(1.0)

@@ -44,7 +44,7 @@ class SearchResult:
     facets: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
     notice: str = ""  # one line for the user when the search was not what was asked (a fallback)
     collection: str = ""  # the collection searched (behind the serving name)
-    model: str = ""  # the fingerprint of the model that embedded the query and made that collection's vectors
+    model: str = ""  # the model that made the collection's vectors, or the query model set routed to them
 
 
 RESOLVE_EVERY_S = 1.0  # how often a searcher asks which collection its serving name points at
@@ -56,11 +56,19 @@ class Target:
     searched with the same pair, so a switch (an upgrade's alias) never mixes two models."""
 
     record: serving.CollectionRecord
-    encoder: TritonEncoder
+    encoder: TritonEncoder  # the collection's own model set: embeds photos
+    query_encoder: TritonEncoder  # embeds text: the same, or a query model set trained into its product space
     index: tuple[str, str]  # (index type, metric)
     lexical: bool
     load_ms: float
     checked: float  # time.monotonic() of the last resolution that confirmed it
+
+    @property
+    def model(self) -> str:
+        """What a search is served by: the collection's model, or the query model set routed to it."""
+        if self.record.query_tag is None:
+            return self.record.fingerprint or ""
+        return self.query_encoder.fingerprint
 
 
 class Searcher:
@@ -96,24 +104,34 @@ class Searcher:
                         record.fingerprint)
         return self._target
 
-    def _open(self, record: serving.CollectionRecord, now: float) -> Target:
-        encoder = self._encoders.get(record.tag)
+    def _encoder(self, tag: str) -> TritonEncoder:
+        encoder = self._encoders.get(tag)
         if encoder is None:
-            encoder = self._encoders[record.tag] = self.encoder.with_tag(record.tag)
-        encoder.check_ready([QUERY_ENCODER])
+            encoder = self._encoders[tag] = self.encoder.with_tag(tag)
+        return encoder
+
+    def _open(self, record: serving.CollectionRecord, now: float) -> Target:
+        encoder, query_encoder = self._encoder(record.tag), self._encoder(record.query_model_set)
+        query_encoder.check_ready([QUERY_ENCODER])
         name = record.collection
         dim = store.collection_dim(self.client, name)
-        if dim != encoder.embed_dim:
+        if dim != query_encoder.embed_dim:
             raise store.StoreError(
-                f"collection {name!r} holds {dim}-d vectors but the served model makes {encoder.embed_dim}-d "
+                f"collection {name!r} holds {dim}-d vectors but the served model makes {query_encoder.embed_dim}-d "
                 "ones: it was indexed with another model. Re-index (python client/index.py --recreate).")
-        store.require_same_model(name, record.fingerprint, encoder.fingerprint)  # read with the record
+        if record.query_tag is None:
+            store.require_same_model(name, record.fingerprint, encoder.fingerprint)  # read with the record
+        elif record.fingerprint != query_encoder.product_space:
+            raise store.StoreError(
+                f"query model set {record.query_tag!r} embeds into the product space of model "
+                f"{query_encoder.product_space}, but collection {name!r} holds vectors of model {record.fingerprint}: "
+                "route the name to a collection of that model, or roll back (python client/upgrade.py --rollback)")
         index, lexical = store.collection_index(self.client, name), store.has_lexical(self.client, name)
         # Loading the collection into memory is a one-off cost of a process (about a second at
         # 44k products with Milvus Lite); done here, it is not charged to the first search.
         started = time.perf_counter()
         self.client.load_collection(name)
-        return Target(record, encoder, index, lexical, (time.perf_counter() - started) * 1e3, now)
+        return Target(record, encoder, query_encoder, index, lexical, (time.perf_counter() - started) * 1e3, now)
 
     @property
     def index(self) -> tuple[str, str]:
@@ -133,8 +151,8 @@ class Searcher:
 
     @property
     def fingerprint(self) -> str:
-        """The model of the collection last resolved (no call to Milvus)."""
-        return (self._target.encoder if self._target is not None else self.encoder).fingerprint
+        """The model that embeds text queries for the collection last resolved (no call to Milvus)."""
+        return (self._target.query_encoder if self._target is not None else self.encoder).fingerprint
 
     def _lexical_pool(self) -> ThreadPoolExecutor:
         if self._pool is None:
@@ -171,7 +189,7 @@ class Searcher:
             if image is not None:
                 vector = encoder.embed_images([image])[0]
             elif mode != "lexical":
-                vector = encoder.embed_queries([text])[0]
+                vector = target.query_encoder.embed_queries([text])[0]
             embedded = time.perf_counter()
             dense = ([] if vector is None else
                      store.search(self.client, [vector], depth, collection, expression, target.index)[0])
@@ -185,11 +203,11 @@ class Searcher:
             lexical = store.lexical_search(self.client, [text], depth, collection, expression)[0]
         else:
             lexical = [] if lexical_search is None else lexical_search.result()[0]  # within its own deadline
-        hits = combine(mode, dense, lexical, target.index[1])
+        hits = combine(mode, dense, lexical, target.index[1], target.query_encoder.lexical_weight)
         done = time.perf_counter()
         return SearchResult(text or "<image>", hits[:k], (embedded - started) * 1e3, (done - embedded) * 1e3,
                             mode, facet_counts(hits[:FACET_DEPTH]), notice, collection,
-                            target.record.fingerprint or "")
+                            target.model)
 
 
 def build_filter(args: argparse.Namespace) -> str:

@@ -5,6 +5,8 @@
     python client/upgrade.py --status --milvus-uri http://127.0.0.1:19530
     python client/upgrade.py --rollback --milvus-uri http://127.0.0.1:19530
 
+    python client/upgrade.py --query-side q1 --events runs/events.db --impressions 2000 --milvus-uri ...
+
 The serving name (`--collection`, default products) is routed by client/serving.py: one row of a
 routes collection in the same Milvus (Lite has no aliases; the same mechanism runs everywhere). An
 upgrade loads the model set `--tag` into the running Triton (model control explicit, with its admin
@@ -14,6 +16,15 @@ if the new one answers every query the serving one answers and is not worse by m
 in nDCG@10 or recall@100 on any query kind. Searchers resolve the name and embed with the model set
 the collection records, so no query pairs one model with the other's vectors. The old collection and
 model set stay for `--rollback`.
+
+`--query-side TAG` promotes a query model set trained into the serving model's product space
+(training/from_judgments.py; export records it as the set's "product_space"): the serving collection
+stays as it is (nothing is re-indexed) and the route records the query model set with it, so searchers
+embed text queries with TAG and photos with the collection's own set, and refuse any other pairing. It
+is promoted only when both hold: offline not worse (the query set, as above, and any held-out numbers
+the caller measured), and team-draft interleaving on the page (client/interleave.py) prefers it at the
+planned number of interleaved searches (`--impressions`, a horizon fixed in advance). `--rollback`
+returns to the previous query model set as it returns to a previous collection.
 
 It needs a Milvus that several processes share (make serve's Lite server, or a cluster): a Lite
 file is held by one process, the page's.
@@ -62,11 +73,17 @@ class UpgradeReport:
     current_metrics: dict = field(default_factory=dict)
     promoted: bool = False
     why: str = ""
+    query_tag: str | None = None  # a query-side promotion: the query model set (the collection stays)
+    current_query_tag: str | None = None
+    held_out: dict = field(default_factory=dict)  # offline numbers measured by the caller: {"current", "candidate"}
+    interleaving: dict = field(default_factory=dict)
 
 
-def load_model_set(triton_url: str, protocol: str, tag: str, admin_key: str | None, timeout_s: float) -> list[str]:
+def load_model_set(triton_url: str, protocol: str, tag: str, admin_key: str | None, timeout_s: float,
+                   reload: bool = False) -> list[str]:
     """Load every model of set `tag` the server's repository holds (model control explicit); returns them.
-    Every call waits at most `timeout_s` (a load: the batch deadline)."""
+    `reload`: load the ready ones again too (their configs changed). Every call waits at most `timeout_s`
+    (a load: the batch deadline)."""
     module = protocol_module(protocol)
     client = module.InferenceServerClient(triton_url, **(
         {"network_timeout": timeout_s, "connection_timeout": timeout_s} if protocol == "http" else {}))
@@ -83,7 +100,7 @@ def load_model_set(triton_url: str, protocol: str, tag: str, admin_key: str | No
             raise UpgradeError(f"Triton's repository holds no model set {tag!r}: export it first "
                                f"(python -m export --checkpoint RUN --out model_repository --tag {tag})")
         for name in names:
-            if not client.is_model_ready(name, **deadline):
+            if reload or not client.is_model_ready(name, **deadline):
                 logger.info("loading %s", name)
                 client.load_model(name, headers=headers, **deadline)
         return names
@@ -98,9 +115,9 @@ def load_model_set(triton_url: str, protocol: str, tag: str, admin_key: str | No
         client.close()
 
 
-def _evaluate(encoder: TritonEncoder, client, collection: str, args) -> dict:
+def _evaluate(encoder: TritonEncoder, client, collection: str, args, images: TritonEncoder | None = None) -> dict:
     result = evaluate_served(encoder, client, args.queries, args.catalog, ColumnMap.from_args(args), collection,
-                             mode=args.mode)
+                             mode=args.mode, image_encoder=images)
     return {kind: {**{name: m[name] for name in GATE_METRICS}, "recall@10": m["recall@10"], "queries": m["queries"]}
             for kind, m in result["metrics"].items()}
 
@@ -158,6 +175,80 @@ def upgrade(args: argparse.Namespace, client) -> UpgradeReport:
     return report
 
 
+def interleaving_verdict(events: Path, model_a: str, model_b: str, impressions: int, alpha: float) -> dict:
+    """The interleaving report of (serving A, candidate B) from the event log (client/interleave.py)."""
+    from client.events import EventStore
+    from client.interleave import report
+
+    if not Path(events).is_file():
+        raise UpgradeError(f"no event log at {events}: interleave on the page first (client/app.py --candidate)")
+    found = [r for r in report(EventStore(events, read_only=True), impressions, alpha)
+             if (r["model_a"], r["model_b"]) == (model_a, model_b)]
+    if not found:
+        return {"model_a": model_a, "model_b": model_b, "interleaved_searches": 0, "planned_impressions": impressions,
+                "alpha": alpha, "verdict": None}
+    return found[0]
+
+
+def decide_query_side(offline: tuple[bool, str], held_out: dict, interleaving: dict,
+                      tolerance: float) -> tuple[bool, str]:
+    """Both must hold: offline not worse (the query set, and the held-out numbers if any), and interleaving
+    preferring the candidate (team B) at its planned horizon."""
+    ok, reasons = offline[0], [f"offline: {offline[1]}"]
+    if held_out:
+        worse = held_out["candidate"] < held_out["current"] - tolerance
+        ok &= not worse
+        reasons.append(f"held-out {held_out.get('metric', 'nDCG@10')} {held_out['current']:.3f} -> "
+                       f"{held_out['candidate']:.3f} ({'worse' if worse else 'not worse'} within {tolerance})")
+    verdict = interleaving.get("verdict")
+    if verdict is None:
+        ok = False
+        reasons.append(f"interleaving: {interleaving.get('interleaved_searches', 0)} interleaved searches of the "
+                       f"{interleaving.get('planned_impressions')} planned: no verdict")
+    else:
+        preferred = verdict["winner"] == "B"
+        ok &= preferred
+        outcome = {"B": "the candidate is preferred", "A": "the serving model is preferred"}.get(
+            verdict["winner"], "no significant preference")
+        reasons.append(f"interleaving: candidate won {verdict['wins_b']}, serving {verdict['wins_a']}, "
+                       f"{verdict['ties']} ties of {verdict['impressions']}, p = {verdict['p_value']:.4g}: {outcome}")
+    return ok, "; ".join(reasons)
+
+
+def upgrade_query_side(args: argparse.Namespace, client, held_out: dict | None = None) -> UpgradeReport:
+    """Serve model set `args.query_side`'s query encoder with the collection the name serves now, if the gate
+    lets it (decide_query_side); `held_out` ({"current": x, "candidate": y}) adds the caller's offline numbers."""
+    name, tag = args.collection, args.query_side
+    load_model_set(args.triton_url, args.protocol, tag, args.admin_key, args.batch_timeout)
+    encoder = TritonEncoder(args.triton_url, args.protocol, args.batch_timeout, tag=tag)
+    encoder.check_ready([QUERY_ENCODER])
+    current = serving.collection_record(client, name)
+    report = UpgradeReport(name, current.collection, encoder.fingerprint, current.collection,
+                           query_tag=tag, current_query_tag=current.query_model_set, held_out=held_out or {})
+    if encoder.product_space != current.fingerprint:
+        raise UpgradeError(f"model set {tag!r} embeds queries into the product space of model {encoder.product_space}, "
+                           f"but {name} serves {current.collection} with vectors of model {current.fingerprint}: "
+                           "train it from the serving checkpoint (training/from_judgments.py), or upgrade with --tag")
+    if current.query_model_set == tag:
+        report.why = f"{name} already embeds queries with model set {tag!r}"
+        return report
+    serving_encoder = TritonEncoder(args.triton_url, args.protocol, args.batch_timeout, tag=current.query_model_set)
+    images = TritonEncoder(args.triton_url, args.protocol, args.batch_timeout, tag=current.tag)
+    report.candidate_metrics = _evaluate(encoder, client, current.collection, args, images)
+    report.current_metrics = _evaluate(serving_encoder, client, current.collection, args, images)
+    offline = decide(report.candidate_metrics, report.current_metrics, args.tolerance)
+    if args.events:
+        report.interleaving = interleaving_verdict(args.events, serving_encoder.fingerprint, encoder.fingerprint,
+                                                   args.impressions, args.alpha)
+    report.promoted, report.why = decide_query_side(offline, report.held_out, report.interleaving, args.tolerance)
+    if report.promoted or args.force:
+        serving.switch(client, name, current.collection, query_tag=tag)
+        report.promoted = True
+        logger.info("%s now embeds queries with model set %s over %s; --rollback returns to %s", name, tag,
+                    current.collection, current.query_model_set or "the default set")
+    return report
+
+
 def status(client, name: str) -> dict:
     record = serving.collection_record(client, name) if serving.resolve(client, name) else None
     versions = sorted(c for c in client.list_collections() if c == name or c.startswith(f"{name}__"))
@@ -174,6 +265,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     action = p.add_mutually_exclusive_group(required=True)
     action.add_argument("--tag", help="the model set to upgrade to (python -m export ... --tag TAG); '' is the "
                                       "repository's default set")
+    action.add_argument("--query-side", metavar="TAG",
+                        help="promote model set TAG's query encoder over the serving collection (no re-index): a "
+                             "query tower trained into its product space (python -m training.from_judgments)")
     action.add_argument("--rollback", action="store_true", help="serve the collection the current one replaced")
     action.add_argument("--status", action="store_true", help="print what the serving name serves and what is kept")
     p.add_argument("--catalog", default=DEFAULT_CATALOG, help="catalog to index with the new model")
@@ -185,6 +279,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                    help=f"promote unless some query kind loses more than this much of {' or '.join(GATE_METRICS)}")
     p.add_argument("--force", action="store_true", help="switch even if the evaluation says worse")
+    p.add_argument("--events", type=Path, default=None,
+                   help="--query-side: the page's event log holding the interleaved searches (client/app.py "
+                        "--events, --candidate); without it there is no interleaving verdict and nothing is promoted")
+    p.add_argument("--impressions", type=int, default=2000,
+                   help="--query-side: the interleaved searches the verdict is taken on (planned in advance)")
+    p.add_argument("--alpha", type=float, default=0.05, help="--query-side: significance level of the sign test")
     p.add_argument("--index-type", choices=list(store.INDEX_PARAMS), default=None,
                    help="vector index of the new collection (default: HNSW where the server has it, else AUTOINDEX)")
     p.add_argument("--batch-size", type=int, default=16, help="products per Triton request while indexing")
@@ -214,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.rollback:
             print(f"{args.collection} serves {serving.rollback(client, args.collection)} again")
             return 0
-        report = upgrade(args, client)
+        report = upgrade_query_side(args, client) if args.query_side else upgrade(args, client)
     except store.errors() as exc:
         print(f"error: {store.failure(exc, args.milvus_uri)}; nothing was switched that did not complete: run the "
               "same command again (the indexed rows are kept)", file=sys.stderr)
@@ -227,7 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json_out:
         args.json_out.write_text(text + "\n")
     print(f"{'switched' if report.promoted else 'kept'}: {report.why}", file=sys.stderr)
-    return 0 if report.promoted or report.current in (None, report.candidate) else 1
+    unchanged = (report.current_query_tag == report.query_tag if report.query_tag is not None
+                 else report.current in (None, report.candidate))
+    return 0 if report.promoted or unchanged else 1
 
 
 if __name__ == "__main__":

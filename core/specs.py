@@ -8,7 +8,9 @@ types them. Torch-free.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 # -- the ensembles: raw text and encoded image bytes in, one L2-normalized vector out ----------
 QUERY_ENCODER = "query_encoder"  # QUERY -> EMBEDDING
@@ -86,6 +88,13 @@ def graph_specs(embed_dim: int, part_dim: int, multimodal: bool, image_size: int
 # The default set has the names above; another set's every model carries its tag: query_encoder__v2.
 TAG_SEPARATOR = "__"
 FINGERPRINT_PARAMETER = "fingerprint"  # ensemble config parameter: which weights and variant it serves
+# Ensemble config parameter: the fingerprint of the model whose product vectors the set's queries match (a
+# query-side model set names its base; any other names itself).
+PRODUCT_SPACE_PARAMETER = "product_space"
+PRODUCT_SPACE_KEY = "product_space"  # checkpoint config.json: weights digest of the model whose product side it kept
+# Ensemble config parameter and checkpoint config key: the lexical weight of hybrid fusion for this model set's
+# queries, fitted on shoppers' judgments (client/learning_loop.py); absent: client/fusion.py's default.
+LEXICAL_WEIGHT_PARAMETER = LEXICAL_WEIGHT_KEY = "lexical_weight"
 
 
 def model_name(base: str, tag: str = "") -> str:
@@ -95,6 +104,24 @@ def model_name(base: str, tag: str = "") -> str:
     return f"{base}{TAG_SEPARATOR}{tag}" if tag else base
 
 
+REPORT_FILE = "export_report.json"  # in a model repository: what export built, and from which checkpoint
+
+
+def report_file(tag: str = "") -> str:
+    """The export report of model set `tag` in a repository (the default set's: REPORT_FILE)."""
+    return REPORT_FILE if not tag else f"export_report{TAG_SEPARATOR}{tag}.json"
+
+
 def in_model_set(name: str, tag: str = "") -> bool:
     """Whether a served model name belongs to the set `tag`."""
     return name.endswith(TAG_SEPARATOR + tag) if tag else TAG_SEPARATOR not in name
+
+
+def weights_digest(checkpoint: Path | str) -> str:
+    """The first 12 hex digits of the checkpoint weights' SHA-256: what a set of graphs was made from, and the
+    first part of a served model's fingerprint."""
+    digest = hashlib.sha256()
+    with open(Path(checkpoint) / "model.safetensors", "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]

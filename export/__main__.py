@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from core.catalog import DEFAULT_CATALOG, ColumnMap
-from core.specs import QUERY_ENCODER, TAG_SEPARATOR, model_name
+from core.specs import QUERY_ENCODER, model_name, report_file
 from training.factory import create_model, create_tokenizer, load_checkpoint_config
 
 from .graphs import GRAPHS_ROOT, export_graph, graph_specs, graphs_dir_for
@@ -23,12 +23,6 @@ from .repository import BACKENDS, ServingCfg, write_repository
 from .variants import QUALITY_BOUND, VARIANTS, build_variant
 
 logger = logging.getLogger("export")
-REPORT_FILE = "export_report.json"
-
-
-def report_file(tag: str = "") -> str:
-    """The export report of model set `tag` in a repository (the default set's: REPORT_FILE)."""
-    return REPORT_FILE if not tag else f"export_report{TAG_SEPARATOR}{tag}.json"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -6,14 +6,22 @@ client reads them from); this module turns the model's `encode_*` methods into t
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from core.specs import FUSION, IMAGE_QUERY_HEAD, IMAGE_TOWER, QUERY_TOWER, TEXT_TOWER, GraphSpec, TensorSpec
+from core.specs import (
+    FUSION,
+    IMAGE_QUERY_HEAD,
+    IMAGE_TOWER,
+    QUERY_TOWER,
+    TEXT_TOWER,
+    GraphSpec,
+    TensorSpec,
+    weights_digest,
+)
 from core.specs import graph_specs as core_graph_specs
 from training.config import ModelCfg
 from training.model import ProductSearchModel
@@ -22,15 +30,6 @@ logger = logging.getLogger(__name__)
 
 OPSET = 17  # the legacy exporter's opset: ORT transformer fusion and TensorRT 8.6+/10 both take it
 GRAPHS_ROOT = Path("build") / "graphs"  # export's own output, never the checkpoint folder
-
-
-def weights_digest(checkpoint: Path | str) -> str:
-    """The first 12 hex digits of the checkpoint weights' SHA-256: what a set of graphs was made from."""
-    digest = hashlib.sha256()
-    with open(Path(checkpoint) / "model.safetensors", "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:12]
 
 
 def graphs_dir_for(checkpoint: Path | str, root: Path | str = GRAPHS_ROOT) -> Path:

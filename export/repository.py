@@ -42,9 +42,13 @@ from core.specs import (
     IMAGE_QUERY_HEAD,
     IMAGE_TOWER,
     INPUT_IDS,
+    LEXICAL_WEIGHT_KEY,
+    LEXICAL_WEIGHT_PARAMETER,
     PIXEL_VALUES,
     PRODUCT_EMBEDDING,
     PRODUCT_ENCODER,
+    PRODUCT_SPACE_KEY,
+    PRODUCT_SPACE_PARAMETER,
     PRODUCT_TEXT_INPUTS,
     PRODUCT_TOKENIZER,
     QUERY_EMBEDDING,
@@ -243,6 +247,12 @@ def write_repository(repo: Path, checkpoint: Path, specs: dict[str, GraphSpec], 
     pre, model_cfg = config["preprocess_cfg"], config["model_cfg"]
     dim = model_cfg["embed_dim"]
     fingerprint = {FINGERPRINT_PARAMETER: model_fingerprint(checkpoint, graphs_dir)}
+    # A query tower trained against a base model's fixed product vectors (training/from_judgments.py) records
+    # the base's weights digest: its queries match the vectors the base's product side made with this variant.
+    base = config.get(PRODUCT_SPACE_KEY)
+    fingerprint[PRODUCT_SPACE_PARAMETER] = f"{base}-{graphs_dir.name}" if base else fingerprint[FINGERPRINT_PARAMETER]
+    if config.get(LEXICAL_WEIGHT_KEY) is not None:
+        fingerprint[LEXICAL_WEIGHT_PARAMETER] = str(float(config[LEXICAL_WEIGHT_KEY]))
     repo.mkdir(parents=True, exist_ok=True)
     tokenizer_json = checkpoint / pre["tokenizer_dir"] / "tokenizer.json"
     text_files = {"tokenizer.json": tokenizer_json, "preprocess.py": Path(preprocess_module.__file__)}

@@ -18,14 +18,13 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.server_process import ServerProcess
+from core.server_process import ServerProcess, free_port
 
 logger = logging.getLogger("export.serve")
 
@@ -47,13 +46,6 @@ def _serve_python(serve_env: Path) -> tuple[Path, dict]:
          "'libdir': sysconfig.get_config_var('LIBDIR'), 'site': sysconfig.get_paths()['purelib']}))"],
         check=True, capture_output=True, text=True)
     return python, json.loads(info.stdout)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now (for test and benchmark servers)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def locate_tritonserver(serve_env: Path = DEFAULT_SERVE_ENV) -> tuple[Path, Path, dict]:

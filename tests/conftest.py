@@ -61,7 +61,7 @@ def graphs_dir(repository: Path) -> Path:
     """The graphs folder an export wrote (build/graphs/<checkpoint>-<weights digest>/ by default)."""
     import json
 
-    from export.__main__ import REPORT_FILE
+    from core.specs import REPORT_FILE
 
     return Path(json.loads((repository / REPORT_FILE).read_text())["graphs_dir"])
 
@@ -128,7 +128,7 @@ def serving(app) -> Iterator[str]:
     """An ASGI app on a free port, served by uvicorn in a thread: its URL."""
     import uvicorn
 
-    from export.serve import free_port
+    from core.server_process import free_port
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))

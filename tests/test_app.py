@@ -13,7 +13,7 @@ from pymilvus.exceptions import MilvusException
 
 from client.app import ApiError, Backend, CatalogImages, create_app
 from core.catalog import read_catalog
-from export.serve import free_port
+from core.server_process import free_port
 from tests.conftest import N_INDEXED, serving
 
 pytestmark = pytest.mark.server

@@ -19,7 +19,7 @@ from client.index import Indexer
 from client.milvus_server import MilvusServer
 from client.page_process import PageServer
 from core.catalog import read_catalog
-from export.serve import free_port
+from core.server_process import free_port
 from tests.conftest import N_INDEXED, serving
 
 pytestmark = pytest.mark.server

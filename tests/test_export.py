@@ -5,7 +5,8 @@ import numpy as np
 import onnx
 import pytest
 
-from export.__main__ import REPORT_FILE, choose_variant
+from core.specs import REPORT_FILE
+from export.__main__ import choose_variant
 from export.graphs import graph_specs
 from export.parity import FP32_TOLERANCE
 from export.repository import ServingCfg, write_repository

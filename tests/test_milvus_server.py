@@ -29,7 +29,7 @@ from client.index import main as index_main
 from client.milvus_server import MilvusServer
 from client.search import Searcher
 from core.catalog import read_catalog
-from export.serve import free_port
+from core.server_process import free_port
 
 pytestmark = pytest.mark.server
 REPO = Path(__file__).resolve().parents[1]

@@ -101,7 +101,7 @@ def test_empty_query_is_refused_by_the_cli(capsys):
 
 def test_indexing_with_triton_down_stops_with_a_clear_message(tmp_path, catalog_path, capsys):
     from client.index import main as index_main
-    from export.serve import free_port
+    from core.server_process import free_port
 
     code = index_main(["--catalog", str(catalog_path), "--limit", "10", "--milvus-uri", str(tmp_path / "x.db"),
                        "--triton-url", f"127.0.0.1:{free_port()}", "--retries", "0"])

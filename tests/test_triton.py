@@ -151,7 +151,7 @@ def test_concurrent_requests_are_batched(tiny_repository, tmp_path):
 
 
 def test_unreachable_server_says_where_and_what_to_run():
-    from export.serve import free_port
+    from core.server_process import free_port
 
     encoder = TritonEncoder(f"127.0.0.1:{free_port()}", protocol="http", timeout_s=2)
     with pytest.raises(EncoderUnavailable, match="python -m export.serve"):

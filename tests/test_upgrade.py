@@ -21,7 +21,8 @@ from client.milvus_server import MilvusServer
 from client.search import RESOLVE_EVERY_S, Searcher
 from client.upgrade import main as upgrade_main
 from core.catalog import read_catalog
-from export.serve import TritonServer, free_port
+from core.server_process import free_port
+from export.serve import TritonServer
 from tests.conftest import CATALOG
 
 pytestmark = pytest.mark.server

@@ -53,6 +53,22 @@ def degrade_colour(products: ProductSet) -> ProductSet:
     return ProductSet(products.ids, texts, products.attrs, products.pixels, products.has_image)
 
 
+def product_embeddings(checkpoint: Path, model, tokenizer, products: ProductSet, image_cfg: dict | None,
+                       catalog_path: str, degrade: str | None = None, cache_dir: str = "cache") -> np.ndarray:
+    """Every product's embedding by the checkpoint's product tower, cached by checkpoint (path and weights
+    time), catalog and degradation."""
+    key = hashlib.sha1(json.dumps([str(checkpoint.resolve()), (checkpoint / "model.safetensors").stat().st_mtime_ns,
+                                   catalog_path, len(products.ids), degrade]).encode()).hexdigest()[:16]
+    cache = Path(cache_dir) / f"product-embeddings-{key}.npy"
+    if cache.is_file():
+        return np.load(cache)
+    logger.info("embedding %d products", len(products.ids))
+    product_emb = embed_products(model, tokenizer, products, image_cfg)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.save(cache, product_emb)
+    return product_emb
+
+
 def evaluate(checkpoint: str | Path, queries: QuerySet, catalog: str = DEFAULT_CATALOG,
              columns: ColumnMap | None = None, degrade: str | None = None, cache_dir: str = "cache",
              corpus_limit: int | None = None, device: str = "auto") -> dict:
@@ -69,16 +85,8 @@ def evaluate(checkpoint: str | Path, queries: QuerySet, catalog: str = DEFAULT_C
     elif degrade:
         raise ValueError(f"unknown degradation {degrade!r}: expected 'colour'")
     ids = products.ids
-    key = hashlib.sha1(json.dumps([str(checkpoint.resolve()), (checkpoint / "model.safetensors").stat().st_mtime_ns,
-                                   df.attrs["path"], len(df), degrade]).encode()).hexdigest()[:16]
-    cache = Path(cache_dir) / f"product-embeddings-{key}.npy"
-    if cache.is_file():
-        product_emb = np.load(cache)
-    else:
-        logger.info("embedding %d products", len(ids))
-        product_emb = embed_products(model, tokenizer, products, image_cfg)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        np.save(cache, product_emb)
+    product_emb = product_embeddings(checkpoint, model, tokenizer, products, image_cfg, df.attrs["path"], degrade,
+                                     cache_dir)
     corpus = set(ids)
     out = {"checkpoint": str(checkpoint), "degrade": degrade, "products": len(ids), "metrics": {}, "groups": {},
            "rankings": {}}

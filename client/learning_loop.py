@@ -1,0 +1,440 @@
+"""Learning from shoppers, in one command on the shared deployment (make serve): simulate, judge, train,
+evaluate offline, interleave, then promote or refuse.
+
+    make serve
+    python -m client.learning_loop                       # make learn
+    python -m client.learning_loop --shuffle-judgments   # a harmful candidate: the gate must refuse it
+
+    shoppers --search/click--> page --events--> click model --judgments--> query tower (product side kept)
+        ^                                                                        | export: model set TAG
+        |                                                                        v
+        +-- serving name <--promote / refuse-- gate <-- offline (committed sets, held-out queries)
+                                                    <-- team-draft interleaving on the page
+
+1. collect: SIMULATED shoppers (client/simulated_shoppers.py) search a page on the serving name, which logs
+   every search and click (--events) and shows --explore-share of them in a random order;
+2. judge: the click model (client/judgments.py) rates each (query, product) with position bias removed;
+3. train: python -m training.from_judgments fine-tunes the serving model's query tower into its own product
+   space (the serving checkpoint is read from the repository's export report of the serving model set);
+4. export: python -m export writes it as model set TAG into the repository the running Triton serves;
+   fit: hybrid fusion's lexical weight for the candidate's queries is chosen on the judged queries (nDCG@10 of
+   their judged products, searched through Triton and Milvus over a grid), written into the checkpoint's
+   config and exported again with it (`--fusion default` keeps client/fusion.py's);
+5. offline: the candidate behind a candidate serving name (NAME_candidate: the same collection, queries by TAG)
+   beside the serving name, on held-out shopper queries (texts no collected session typed), graded by the
+   simulator's truth; client/upgrade.py adds the committed evaluation sets;
+6. interleave: the page interleaves --interleave-share of its searches with the candidate (team draft) until
+   --impressions interleaved searches are logged;
+7. gate: client/upgrade.py --query-side TAG promotes (the route gets the query model set; nothing is
+   re-indexed) only if offline is not worse and interleaving prefers the candidate; else it refuses.
+
+Each step's output stays in --workdir and a rerun skips the steps already done (delete a step's folder to redo
+it). What is simulated: the shoppers and their truth. A real deployment keeps steps 2-7 as they are, with real
+shoppers' logs for 1 and 6 and a human-judged held-out set for 5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from client import serving, store
+from client.encoder import TritonEncoder
+from client.events import EventStore
+from client.fusion import BASE_WEIGHT, combine
+from client.interleave import report as interleave_report
+from client.judgments import DEPTH, MIN_IMPRESSIONS, click_log, judge, write
+from client.page_process import PageServer
+from client.search import FACET_DEPTH
+from client.simulated_eval import evaluate as evaluate_simulated
+from client.simulated_eval import held_out_queries
+from client.simulated_shoppers import SIMULATED, ShopperModel, Simulation, load_intents, write_truth
+from client.upgrade import GATE_METRICS, UpgradeReport, load_model_set, upgrade_query_side
+from core.catalog import DEFAULT_CATALOG, read_catalog
+from core.metrics import retrieval_metrics
+from core.queries import DEFAULT_EVAL_SET, QuerySet
+from core.server_process import free_port
+from core.specs import LEXICAL_WEIGHT_KEY, report_file
+
+logger = logging.getLogger("client.learning_loop")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHOPPERS = f"{SIMULATED}-shopper"  # the simulated sessions' client_id prefix (the evaluation's is another)
+CANDIDATE_SUFFIX = "_candidate"
+CHUNK_SESSIONS = 500  # interleaving sessions between two looks at the count of interleaved searches
+
+
+def serving_checkpoint(repository: Path, tag: str) -> Path:
+    """The checkpoint model set `tag` was exported from (its export report)."""
+    path = repository / report_file(tag)
+    if not path.is_file():
+        raise FileNotFoundError(f"no export report {path}: the serving model set {tag!r} was not exported into "
+                                f"{repository} (pass --model-repository)")
+    checkpoint = Path(json.loads(path.read_text())["checkpoint"])
+    if not (checkpoint / "model.safetensors").is_file():
+        raise FileNotFoundError(f"the serving model's checkpoint {checkpoint} (from {path}) is gone: pass --checkpoint")
+    return checkpoint
+
+
+def run(command: list[str], log: Path) -> None:
+    """A step as a child process (its own torch), its output in `log`; a failure stops the loop."""
+    logger.info("$ %s  (log: %s)", " ".join(command), log)
+    with open(log, "w") as out:
+        code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}).returncode
+    if code:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
+        raise RuntimeError(f"{command[2]} failed (exit {code}); the end of {log}:\n{tail}")
+
+
+FIT_GRID = tuple(round(0.05 * i, 2) for i in range(11))  # lexical weights tried: dense alone up to 0.5
+
+
+def judged_queries(path: Path, limit: int, seed: int) -> dict[str, dict[str, float]]:
+    """Judged text queries with a product rated >= 0.5: {query: {product id: rating}}, at most `limit` (seeded)."""
+    ratings: dict[str, dict[str, float]] = {}
+    for line in path.read_text().splitlines():
+        item = json.loads(line)
+        if item["kind"] == "text":
+            ratings.setdefault(item["query"], {})[str(item["object_id"])] = float(item["rating"])
+    queries = sorted(q for q, r in ratings.items() if max(r.values()) >= 0.5)
+    random.Random(seed).shuffle(queries)
+    return {q: ratings[q] for q in queries[:limit]}
+
+
+def searched(encoder: TritonEncoder, client, collection: str, texts: list[str]) -> tuple[list, list]:
+    """Each text's dense hits (embedded by `encoder`) and BM25 hits in `collection`, FACET_DEPTH deep."""
+    index, dense, lexical = store.collection_index(client, collection), [], []
+    for start in range(0, len(texts), 32):
+        batch = texts[start:start + 32]
+        dense += store.search(client, encoder.embed_queries(batch), FACET_DEPTH, collection, index=index)
+        lexical += store.lexical_search(client, batch, FACET_DEPTH, collection)
+    return dense, lexical
+
+
+def committed_metrics(lists: tuple[list, list], relevant: list[list[str]], metric: str, weight: float | None) -> dict:
+    """nDCG@10 and recall@100 of the committed text queries fused at `weight`."""
+    ranked = [[h.product_id for h in combine("hybrid", d, lx, metric, weight)[:100]] for d, lx in zip(*lists)]
+    found = retrieval_metrics(ranked, relevant, (10, 100))
+    return {name: round(found[name], 5) for name in GATE_METRICS}
+
+
+def fit_lexical_weight(encoder: TritonEncoder, client, collection: str, judged: dict[str, dict[str, float]],
+                       guard: tuple[QuerySet, dict] | None = None, tolerance: float = 0.01,
+                       grid: tuple[float, ...] = FIT_GRID, k: int = DEPTH) -> dict:
+    """The hybrid lexical weight (client/fusion.py's base weight) whose fused rankings give the judged products
+    the best nDCG@k (gain: the rating), for queries embedded by `encoder`, searched in `collection`, among the
+    weights that keep `guard`'s committed text queries within `tolerance` of the serving model's metrics there
+    (guard: (query set, {metric: serving value})): clicks say what shoppers like, the committed set what is
+    relevant, and a weight that wins the first by losing the second is not taken.
+
+    The judged rankings are condensed (Sakai 2007): unjudged products are left out before the cut at k.
+    Judgments exist only for what the serving ranking showed, so counting an unjudged product as irrelevant
+    would score every weight by how much it agrees with the weight that served the logs.
+    """
+    if not judged:
+        raise ValueError("no judged text query with a product rated >= 0.5 to fit the fusion on")
+    if not store.has_lexical(client, collection):
+        raise ValueError(f"collection {collection!r} has no BM25 field: hybrid fusion has nothing to fit")
+    metric = store.collection_index(client, collection)[1]
+    texts = list(judged)
+    dense, lexical = searched(encoder, client, collection, texts)
+    committed = searched(encoder, client, collection, guard[0].texts) if guard else None
+    scores, held = {}, {}
+    for weight in grid:
+        total = 0.0
+        for text, d, lx in zip(texts, dense, lexical):
+            gains = judged[text]
+            ranked = [h.product_id for h in combine("hybrid", d, lx, metric, weight) if h.product_id in gains][:k]
+            ideal = sum(g / math.log2(i + 2) for i, g in enumerate(sorted(gains.values(), reverse=True)[:k]))
+            total += sum(gains.get(p, 0.0) / math.log2(i + 2) for i, p in enumerate(ranked)) / ideal
+        scores[str(weight)] = round(total / len(texts), 5)
+        if guard:
+            held[str(weight)] = committed_metrics(committed, guard[0].text_relevant, metric, weight)
+    allowed = [w for w in grid if not guard or all(held[str(w)][m] >= guard[1][m] - tolerance for m in GATE_METRICS)]
+    # None allowed: the default rule, as the serving model has it. A tie keeps nearer the default.
+    chosen = max(allowed, key=lambda w: (scores[str(w)], -abs(w - BASE_WEIGHT))) if allowed else BASE_WEIGHT
+    return {"queries": len(texts), "grid": list(grid), "ndcg": scores, "committed": held,
+            "committed_serving": guard[1] if guard else None, "allowed": allowed, "chosen": chosen, "k": k}
+
+
+class Loop:
+    def __init__(self, args: argparse.Namespace):
+        self.args, self.work = args, Path(args.workdir)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.intents, self.weights, median = load_intents(args.catalog, args.seed, args.limit)
+        self.shoppers = ShopperModel.make(median, args.seed)
+        self.client = store.connect(args.milvus_uri)
+        self.record = serving.collection_record(self.client, args.collection)
+        self.candidate_name = f"{args.collection}{CANDIDATE_SUFFIX}"
+
+    def page(self, name: str, log: str, events: Path | None = None, explore: float = 0.0,
+             extra: list[str] | None = None) -> PageServer:
+        a = self.args
+        return PageServer(a.triton_url, a.milvus_uri, a.catalog, name, port=free_port(), log_file=self.work / log,
+                          events=str(events or ""), explore_share=explore, extra_args=extra or [])
+
+    def collect(self) -> Path:
+        folder = self.work / "collect"
+        if (folder / "truth.json").is_file():
+            logger.info("collect: done before (%s)", folder)
+            return folder
+        folder.mkdir(exist_ok=True)
+        for stale in folder.glob("events.db*"):  # an interrupted collection starts over
+            stale.unlink()
+        with self.page(self.args.collection, "collect/page.log", folder / "events.db", self.args.explore_share) as page:
+            page.warm_up()
+            simulation = Simulation(page.url, self.intents, self.weights, self.shoppers, self.args.seed)
+            started = time.perf_counter()
+            tally = simulation.run(self.args.sessions, self.args.concurrency)
+        seconds = time.perf_counter() - started
+        settings = {k: v for k, v in vars(self.args).items() if isinstance(v, (str, int, float, bool, type(None)))}
+        write_truth(folder / "truth.json", self.shoppers, tally, {**settings, "seconds": seconds})
+        logger.info("collect: %d sessions, %d searches, %d clicks in %.1f min (failed: %s)", tally.sessions,
+                    tally.searches, tally.clicks, seconds / 60, dict(tally.failed) or "none")
+        return folder
+
+    def judge(self, collected: Path) -> Path:
+        folder = self.work / "judgments"
+        if (folder / "click_model.json").is_file():
+            logger.info("judge: done before (%s)", folder)
+            return folder
+        log = click_log(EventStore(collected / "events.db", read_only=True), DEPTH, client_prefix=SHOPPERS)
+        n = write(folder, log, judge(log, DEPTH), DEPTH, MIN_IMPRESSIONS)
+        logger.info("judge: %d searches (%d explored), %d clicks: %d (query, product) pairs judged", log.searches,
+                    log.explored, int(log.click.sum()), n)
+        return folder
+
+    def train(self, judgments: Path) -> Path:
+        a, out = self.args, self.work / "checkpoint"
+        if (out / "model.safetensors").is_file():
+            logger.info("train: done before (%s)", out)
+            return out
+        base = Path(a.checkpoint) if a.checkpoint else serving_checkpoint(Path(a.model_repository),
+                                                                          self.record.query_model_set)
+        command = [sys.executable, "-m", "training.from_judgments", "--checkpoint", str(base), "--judgments",
+                   str(judgments / "judgments.jsonl"), "--out", str(out), "--catalog", a.catalog, "--steps",
+                   str(a.steps), "--seed", str(a.seed), "--cache-dir", a.cache_dir]
+        command += ["--limit", str(a.limit)] * bool(a.limit) + ["--shuffle-judgments"] * a.shuffle_judgments
+        run(command, self.work / "train.log")
+        return out
+
+    def export(self, checkpoint: Path) -> None:
+        a = self.args
+        if (Path(a.model_repository) / report_file(a.tag)).is_file() and (self.work / "export.done").is_file():
+            logger.info("export: model set %s done before", a.tag)
+            return
+        variant = (self.record.fingerprint or "").split("-", 1)[-1] or "fp32"  # the serving vectors' variant
+        command = [sys.executable, "-m", "export", "--checkpoint", str(checkpoint), "--out", a.model_repository,
+                   "--tag", a.tag, "--variant", variant, "--measure", variant, "--catalog", a.catalog,
+                   "--parity-rows", str(a.parity_rows), "--graphs-dir", str(self.work / "graphs")]
+        run(command, self.work / "export.log")
+        (self.work / "export.done").write_text(a.tag + "\n")
+
+    def stage(self, reload: bool = False) -> None:
+        """Load the model set and route the candidate name: the serving collection, queries by the new set."""
+        a = self.args
+        load_model_set(a.triton_url, "grpc", a.tag, a.admin_key, a.batch_timeout, reload=reload)
+        serving.switch(self.client, self.candidate_name, self.record.collection, query_tag=a.tag)
+
+    def fit_fusion(self, judgments: Path, checkpoint: Path) -> dict | None:
+        """Choose the candidate's lexical weight on the judged queries; True when the checkpoint changed."""
+        a, path = self.args, self.work / "fusion.json"
+        if a.fusion == "default":
+            return None
+        if path.is_file():
+            logger.info("fit: done before (%s)", path)
+            return json.loads(path.read_text())
+        judged = judged_queries(judgments / "judgments.jsonl", a.fit_queries, a.seed)
+        queries = QuerySet.load(a.queries or DEFAULT_EVAL_SET)
+        encoder = TritonEncoder(a.triton_url, "grpc", a.batch_timeout, tag=a.tag)
+        current = TritonEncoder(a.triton_url, "grpc", a.batch_timeout, tag=self.record.query_model_set)
+        try:
+            collection = self.record.collection
+            floor = committed_metrics(searched(current, self.client, collection, queries.texts),
+                                      queries.text_relevant, store.collection_index(self.client, collection)[1],
+                                      current.lexical_weight)
+            fit = fit_lexical_weight(encoder, self.client, collection, judged, (queries, floor), a.tolerance)
+        finally:
+            encoder.close()
+            current.close()
+        config_path = checkpoint / "config.json"
+        config = json.loads(config_path.read_text())
+        config[LEXICAL_WEIGHT_KEY] = fit["chosen"]
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
+        (self.work / "export.done").unlink(missing_ok=True)
+        self.export(checkpoint)
+        self.stage(reload=True)
+        path.write_text(json.dumps(fit, indent=1))
+        logger.info("fit: lexical weight %.2f of %s allowed by the committed set (judged nDCG@10 %.4f; default "
+                    "%.2f: %.4f) over %d judged queries", fit["chosen"], fit["allowed"],
+                    fit["ndcg"][str(fit["chosen"])], BASE_WEIGHT, fit["ndcg"][str(BASE_WEIGHT)], fit["queries"])
+        return fit
+
+    def offline(self, collected: Path) -> dict:
+        path = self.work / "held_out.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        a = self.args
+        exclude = set(json.loads((collected / "truth.json").read_text())["queries"])
+        queries = held_out_queries(self.intents, self.weights, a.held_out_queries, a.seed, exclude)
+        df, _ = read_catalog(a.catalog, limit=a.limit)
+        products = {str(r["product_id"]): r for r in
+                    df[["product_id", "article_type", "base_colour", "gender"]].to_dict("records")}
+        result = {"simulated": True, "queries": len(queries), "mode": a.mode}
+        for who, name in (("current", a.collection), ("candidate", self.candidate_name)):
+            with self.page(name, f"offline-{who}.log") as page:
+                page.warm_up()
+                scored = evaluate_simulated(page.url, queries, products, a.mode)
+            if scored["failures"] or scored["ndcg"] is None:
+                raise RuntimeError(f"{scored['failures']} of the held-out searches on {name} failed: see "
+                                   f"{self.work / f'offline-{who}.log'}")
+            result[who] = scored["ndcg"]
+        path.write_text(json.dumps(result, indent=1))
+        logger.info("offline: SIMULATED held-out nDCG@10 %.4f (serving) -> %.4f (candidate), %d queries",
+                    result["current"], result["candidate"], len(queries))
+        return result
+
+    def interleave(self) -> Path:
+        a, folder = self.args, self.work / "interleave"
+        folder.mkdir(exist_ok=True)
+        events = folder / "events.db"
+        pair_done = lambda: max((r["interleaved_searches"] for r in interleave_report(  # noqa: E731
+            EventStore(events, read_only=True)) if r["model_b"] == self.candidate_fingerprint()), default=0)
+        if events.is_file() and pair_done() >= a.impressions:
+            logger.info("interleave: done before (%s)", events)
+            return events
+        extra = ["--candidate", self.candidate_name, "--interleave-share", str(a.interleave_share)]
+        with self.page(a.collection, "interleave/page.log", events, 0.0, extra) as page:
+            page.warm_up()
+            simulation = Simulation(page.url, self.intents, self.weights, self.shoppers, a.seed)
+            start = a.sessions  # sessions after the collected ones: the same shoppers, other visits
+            while pair_done() < a.impressions:
+                simulation.run(CHUNK_SESSIONS, a.concurrency, start=start, progress=False)
+                start += CHUNK_SESSIONS
+                logger.info("interleave: %d of %d interleaved searches", pair_done(), a.impressions)
+        return events
+
+    def candidate_fingerprint(self) -> str:
+        if getattr(self, "_candidate", None):
+            return self._candidate
+        encoder = TritonEncoder(self.args.triton_url, "grpc", self.args.batch_timeout, tag=self.args.tag)
+        try:
+            self._candidate = encoder.fingerprint
+            return self._candidate
+        finally:
+            encoder.close()
+
+    def gate(self, held_out: dict, events: Path) -> UpgradeReport:
+        from client.upgrade import parse_args as upgrade_args
+
+        a = self.args
+        argv = ["--query-side", a.tag, "--collection", a.collection, "--catalog", a.catalog, "--events", str(events),
+                "--impressions", str(a.impressions), "--mode", a.mode, "--triton-url", a.triton_url, "--milvus-uri",
+                a.milvus_uri, "--tolerance", str(a.tolerance)]
+        argv += ["--limit", str(a.limit)] * bool(a.limit) + ["--queries", str(a.queries)] * bool(a.queries)
+        argv += ["--admin-key", a.admin_key] * bool(a.admin_key)
+        return upgrade_query_side(upgrade_args(argv), self.client, held_out)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m client.learning_loop", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--workdir", default="runs/learning", help="every step's output (a rerun resumes from it)")
+    p.add_argument("--tag", default=None, help="the candidate's model set (default: q-<date>-<time>, or the "
+                                               "workdir's earlier one when resuming)")
+    p.add_argument("--milvus-uri", default="http://127.0.0.1:19530", help="the shared Milvus (make serve's)")
+    p.add_argument("--triton-url", default="127.0.0.1:8001", help="Triton's gRPC endpoint (make serve's)")
+    p.add_argument("--admin-key", default=os.environ.get("TRITON_ADMIN_KEY") or _key_file(),
+                   help="Triton's admin key, to load the new model set (default: env TRITON_ADMIN_KEY, or "
+                        "make serve's runs/triton/admin-key)")
+    p.add_argument("--model-repository", default="model_repository", help="the repository the running Triton serves")
+    p.add_argument("--collection", default=store.COLLECTION, help="the serving name")
+    p.add_argument("--catalog", default=DEFAULT_CATALOG, help="the catalog the serving name indexed")
+    p.add_argument("--limit", type=int, default=None, help="its first N products only (a deployment made so)")
+    p.add_argument("--checkpoint", default=None,
+                   help="the serving model's checkpoint (default: from the repository's export report)")
+    p.add_argument("--sessions", type=int, default=20_000, help="simulated shopper sessions to learn from")
+    p.add_argument("--explore-share", type=float, default=0.5,
+                   help="share of the collected searches shown in a random order (the click model's examination)")
+    p.add_argument("--concurrency", type=int, default=6, help="simulated sessions at once")
+    p.add_argument("--seed", type=int, default=0, help="the simulated shoppers' seed (and the trainer's)")
+    p.add_argument("--steps", type=int, default=400, help="query tower optimizer steps")
+    p.add_argument("--fusion", choices=("fit", "default"), default="fit",
+                   help="fit: choose the candidate's hybrid lexical weight on the judged queries; default: keep "
+                        "client/fusion.py's")
+    p.add_argument("--fit-queries", type=int, default=500, help="judged queries the lexical weight is fitted on")
+    p.add_argument("--shuffle-judgments", action="store_true",
+                   help="train on judgments paired with other queries: a harmful candidate the gate must refuse")
+    p.add_argument("--held-out-queries", type=int, default=300, help="held-out shopper queries, offline")
+    p.add_argument("--queries", type=Path, default=None,
+                   help="committed query set of the offline gate (default: client/upgrade.py's)")
+    p.add_argument("--mode", default="hybrid", choices=("hybrid", "dense"), help="how the pages search text")
+    p.add_argument("--tolerance", type=float, default=0.01,
+                   help="what the candidate may lose offline (the gate), and its fitted fusion on the committed set")
+    p.add_argument("--interleave-share", type=float, default=0.5, help="share of the page's searches interleaved")
+    p.add_argument("--impressions", type=int, default=10_000,
+                   help="interleaved searches the verdict is taken on (fixed in advance)")
+    p.add_argument("--parity-rows", type=int, default=16, help="export's parity check rows")
+    p.add_argument("--batch-timeout", type=float, default=60.0, help="seconds a model load may take")
+    p.add_argument("--cache-dir", default="cache", help="decoded images and product vectors (the trainer's)")
+    p.add_argument("--json", dest="json_out", type=Path, default=None,
+                   help="also write the report here (it is always written to WORKDIR/report.json)")
+    args = p.parse_args(argv)
+    tag_file = Path(args.workdir) / "tag"
+    if args.tag is None:
+        args.tag = tag_file.read_text().strip() if tag_file.is_file() else time.strftime("q-%Y%m%d-%H%M%S")
+    return args
+
+
+def _key_file() -> str | None:
+    path = ROOT / "runs" / "triton" / "admin-key"
+    return path.read_text().strip() if path.is_file() else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    if store.is_lite(args.milvus_uri):
+        print("error: the loop runs pages beside the upgrade that switches them, so it needs a Milvus they share: "
+              "make serve, then --milvus-uri http://127.0.0.1:19530", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    loop = Loop(args)
+    (loop.work / "tag").write_text(args.tag + "\n")
+    collected = loop.collect()
+    judgments = loop.judge(collected)
+    checkpoint = loop.train(judgments)
+    loop.export(checkpoint)
+    loop.stage()
+    fusion = loop.fit_fusion(judgments, checkpoint)
+    held_out = loop.offline(collected)
+    events = loop.interleave()
+    report = loop.gate(held_out, events)
+
+    record = {"tag": args.tag, "minutes": round((time.perf_counter() - started) / 60, 1),
+              "sessions": args.sessions, "shuffled_judgments": args.shuffle_judgments,
+              "training": json.loads((checkpoint / "config.json").read_text()).get("from_judgments"),
+              "click_model": json.loads((judgments / "click_model.json").read_text()), "fusion": fusion,
+              **asdict(report)}
+    for path in (loop.work / "report.json", args.json_out):
+        if path:
+            path.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"{'promoted' if report.promoted else 'refused'} model set {args.tag}: {report.why}")
+    return 0 if report.promoted else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
