@@ -30,6 +30,7 @@ from client import serving, store  # noqa: E402
 from client.encoder import TritonEncoder  # noqa: E402
 from client.evaluate import evaluate_served  # noqa: E402
 from client.events import EventStore  # noqa: E402
+from client.fusion import combine  # noqa: E402
 from client.interleave import outcomes  # noqa: E402
 from client.learning_loop import main as loop_main  # noqa: E402
 from client.page_process import PageServer  # noqa: E402
@@ -82,6 +83,43 @@ def aa_interleaving(args, client, record: serving.CollectionRecord, workdir: Pat
             "winners": sum(b.winner is not None for b in blocks), "p_values": [round(b.p_value, 4) for b in blocks]}
 
 
+def sweep(args, client, record: serving.CollectionRecord, tags: dict[str, str], truth: Path) -> dict:
+    """The ablation: each query model (the serving one, the candidate's tower) fused at every lexical weight of
+    the fit's grid, on the loop's held-out shopper queries and the committed set's text queries."""
+    from client.learning_loop import FIT_GRID, committed_metrics, searched
+    from client.simulated_eval import dcg, held_out_queries, ideal_dcg
+    from core.catalog import read_catalog
+    from core.queries import DEFAULT_EVAL_SET, QuerySet
+
+    intents, weights, _ = load_intents(args.catalog, args.seed)
+    held = held_out_queries(intents, weights, 300, args.seed, set(json.loads(truth.read_text())["queries"]))
+    df, _ = read_catalog(args.catalog)
+    products = {str(r["product_id"]): r for r in
+                df[["product_id", "article_type", "base_colour", "gender"]].to_dict("records")}
+    by_type: dict[str, list[dict]] = {}
+    for row in products.values():
+        by_type.setdefault(str(row["article_type"]).lower(), []).append(row)
+    committed = QuerySet.load(DEFAULT_EVAL_SET)
+    metric = store.collection_index(client, record.collection)[1]
+    out = {}
+    for name, tag in tags.items():
+        encoder = TritonEncoder(args.triton_url, "grpc", 60.0, tag=tag)
+        lists = searched(encoder, client, record.collection, [t for t, _ in held])
+        fixed = searched(encoder, client, record.collection, committed.texts)
+        rows = {}
+        for weight in FIT_GRID:
+            scores = []
+            for (_, intent), d, lx in zip(held, *lists):
+                ideal = ideal_dcg(intent, by_type.get(intent.article_type.lower(), []))
+                if ideal:
+                    ranked = [h.product_id for h in combine("hybrid", d, lx, metric, weight)[:10]]
+                    scores.append(dcg([intent.grade(products[p]) for p in ranked]) / ideal)
+            rows[str(weight)] = {"held_out": round(sum(scores) / len(scores), 4),
+                                 **committed_metrics(fixed, committed.text_relevant, metric, weight)}
+        out[name] = rows
+    return out
+
+
 def write_results(out: Path, record: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
@@ -130,6 +168,14 @@ def write_results(out: Path, record: dict) -> None:
         f"{aa['impressions']:,} interleaved searches, {aa['winners']} declared a winner at alpha 0.05 "
         f"(p-values {', '.join(f'{p:.2f}' for p in aa['p_values'])}; {aa['minutes']:.1f} min of traffic).",
     ]
+    lines += ["", "Ablation: each query tower fused at each lexical weight (hybrid search; 0.35 is the shipped "
+              f"default, the fit chose {good['fusion']['chosen']}): held-out shopper queries nDCG@10 | committed "
+              "text queries nDCG@10 / R@100.", "",
+              "| lexical weight | " + " | ".join(record["sweep"]) + " |", "|---|" + "---|" * len(record["sweep"])]
+    for weight in next(iter(record["sweep"].values())):
+        cells = [f"{r[weight]['held_out']:.4f} &#124; {r[weight]['ndcg@10']:.4f} / {r[weight]['recall@100']:.4f}"
+                 for r in record["sweep"].values()]
+        lines.append(f"| {weight} | " + " | ".join(cells) + " |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
@@ -180,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     committed = {"serving": committed_sets(args, client, start_record, start_record.query_model_set),
                  "candidate": committed_sets(args, client, start_record, good["query_tag"]),
                  "harmful": committed_sets(args, client, start_record, harmful["query_tag"])}
+    ablation = sweep(args, client, start_record, {"serving tower": start_record.query_model_set,
+                                                  "tower from judgments": good["query_tag"],
+                                                  "tower from shuffled judgments": harmful["query_tag"]},
+                     good_dir / "collect" / "truth.json")
     aa = aa_interleaving(args, client, serving.collection_record(client, args.collection), args.workdir)
     if good["promoted"] and not args.keep:
         serving.switch(client, args.collection, start_record.collection, start_record.query_tag or "")
@@ -189,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
             "commit": commit.strip(), "started": started, "milvus_uri": args.milvus_uri,
             "products": store.count(client, start_record.collection), "sessions": args.sessions,
             "explore_share": 0.5, "minutes": (time.perf_counter() - t0) / 60}
-    write_results(args.out, {"meta": meta, "good": good, "harmful": harmful, "committed": committed, "aa": aa})
+    write_results(args.out, {"meta": meta, "good": good, "harmful": harmful, "committed": committed, "aa": aa,
+                             "sweep": ablation})
     logger.info("results in %s.md", args.out)
     return 0 if good["promoted"] and not harmful["promoted"] else 1
 

@@ -131,6 +131,14 @@ def committed_metrics(lists: tuple[list, list], relevant: list[list[str]], metri
     return {name: round(found[name], 5) for name in GATE_METRICS}
 
 
+def condensed_ndcg(ranked: list[str], gains: dict[str, float], k: int = DEPTH) -> float:
+    """nDCG@k of a ranking over the judged products only (Sakai 2007): unjudged ones are left out before the
+    cut, so a ranking is not punished for products the logs never showed; gain: the rating."""
+    kept = [p for p in ranked if p in gains][:k]
+    ideal = sum(g / math.log2(i + 2) for i, g in enumerate(sorted(gains.values(), reverse=True)[:k]))
+    return sum(gains[p] / math.log2(i + 2) for i, p in enumerate(kept)) / ideal if ideal > 0 else 0.0
+
+
 def fit_lexical_weight(encoder: TritonEncoder, client, collection: str, judged: dict[str, dict[str, float]],
                        guard: tuple[QuerySet, dict] | None = None, tolerance: float = 0.01,
                        grid: tuple[float, ...] = FIT_GRID, k: int = DEPTH) -> dict:
@@ -156,10 +164,7 @@ def fit_lexical_weight(encoder: TritonEncoder, client, collection: str, judged: 
     for weight in grid:
         total = 0.0
         for text, d, lx in zip(texts, dense, lexical):
-            gains = judged[text]
-            ranked = [h.product_id for h in combine("hybrid", d, lx, metric, weight) if h.product_id in gains][:k]
-            ideal = sum(g / math.log2(i + 2) for i, g in enumerate(sorted(gains.values(), reverse=True)[:k]))
-            total += sum(gains.get(p, 0.0) / math.log2(i + 2) for i, p in enumerate(ranked)) / ideal
+            total += condensed_ndcg([h.product_id for h in combine("hybrid", d, lx, metric, weight)], judged[text], k)
         scores[str(weight)] = round(total / len(texts), 5)
         if guard:
             held[str(weight)] = committed_metrics(committed, guard[0].text_relevant, metric, weight)

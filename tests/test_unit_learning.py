@@ -4,6 +4,7 @@ trainer (training/from_judgments.py), without servers or models."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -61,3 +62,16 @@ def test_judgments_are_read_as_rated_text_queries_and_a_malformed_line_names_its
         load_judgments(path, ["1"], 0.5)
     with pytest.raises(FileNotFoundError, match="client.judgments"):
         load_judgments(tmp_path / "missing.jsonl", ["1"], 0.5)
+
+
+def test_the_fusion_fit_scores_rankings_on_judged_products_only():
+    from client.learning_loop import condensed_ndcg
+
+    gains = {"a": 1.0, "b": 0.5}
+    assert condensed_ndcg(["a", "b"], gains) == pytest.approx(1.0)
+    # Unjudged products in between do not count against a ranking: the logs never showed them.
+    assert condensed_ndcg(["x", "a", "y", "b"], gains) == pytest.approx(1.0)
+    swapped = (0.5 + 1.0 / math.log2(3)) / (1.0 + 0.5 / math.log2(3))
+    assert condensed_ndcg(["b", "x", "a"], gains) == pytest.approx(swapped)
+    assert condensed_ndcg(["x", "y"], gains) == 0.0
+    assert condensed_ndcg(["a"], {"a": 0.0}) == 0.0
