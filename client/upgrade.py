@@ -199,7 +199,7 @@ def decide_query_side(offline: tuple[bool, str], held_out: dict, interleaving: d
         worse = held_out["candidate"] < held_out["current"] - tolerance
         ok &= not worse
         reasons.append(f"held-out {held_out.get('metric', 'nDCG@10')} {held_out['current']:.3f} -> "
-                       f"{held_out['candidate']:.3f} ({'worse' if worse else 'not worse'} within {tolerance})")
+                       f"{held_out['candidate']:.3f} ({'worse beyond' if worse else 'not worse within'} {tolerance})")
     verdict = interleaving.get("verdict")
     if verdict is None:
         ok = False
