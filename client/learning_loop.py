@@ -61,10 +61,10 @@ from client.search import FACET_DEPTH
 from client.simulated_eval import evaluate as evaluate_simulated
 from client.simulated_eval import held_out_queries
 from client.simulated_shoppers import SIMULATED, ShopperModel, Simulation, load_intents, write_truth
-from client.upgrade import GATE_METRICS, UpgradeReport, load_model_set, upgrade_query_side
+from client.upgrade import GATE_METRICS, UpgradeReport, committed_sets, load_model_set, upgrade_query_side
 from core.catalog import DEFAULT_CATALOG, read_catalog
 from core.metrics import retrieval_metrics
-from core.queries import DEFAULT_EVAL_SET, QuerySet
+from core.queries import QuerySet
 from core.server_process import free_port
 from core.specs import LEXICAL_WEIGHT_KEY, report_file
 
@@ -140,13 +140,13 @@ def condensed_ndcg(ranked: list[str], gains: dict[str, float], k: int = DEPTH) -
 
 
 def fit_lexical_weight(encoder: TritonEncoder, client, collection: str, judged: dict[str, dict[str, float]],
-                       guard: tuple[QuerySet, dict] | None = None, tolerance: float = 0.01,
+                       guard: dict[str, tuple[QuerySet, dict]] | None = None, tolerance: float = 0.01,
                        grid: tuple[float, ...] = FIT_GRID, k: int = DEPTH) -> dict:
     """The hybrid lexical weight (client/fusion.py's base weight) whose fused rankings give the judged products
     the best nDCG@k (gain: the rating), for queries embedded by `encoder`, searched in `collection`, among the
-    weights that keep `guard`'s committed text queries within `tolerance` of the serving model's metrics there
-    (guard: (query set, {metric: serving value})): clicks say what shoppers like, the committed set what is
-    relevant, and a weight that wins the first by losing the second is not taken.
+    weights that keep every committed set's text queries within `tolerance` of the serving model's metrics
+    there (guard: {set name: (query set, {metric: serving value})}): clicks say what shoppers like, the committed
+    sets what is relevant, and a weight that wins the first by losing the second is not taken.
 
     The judged rankings are condensed (Sakai 2007): unjudged products are left out before the cut at k.
     Judgments exist only for what the serving ranking showed, so counting an unjudged product as irrelevant
@@ -159,20 +159,23 @@ def fit_lexical_weight(encoder: TritonEncoder, client, collection: str, judged: 
     metric = store.collection_index(client, collection)[1]
     texts = list(judged)
     dense, lexical = searched(encoder, client, collection, texts)
-    committed = searched(encoder, client, collection, guard[0].texts) if guard else None
+    guard = guard or {}
+    committed = {name: searched(encoder, client, collection, queries.texts) for name, (queries, _) in guard.items()}
     scores, held = {}, {}
     for weight in grid:
         total = 0.0
         for text, d, lx in zip(texts, dense, lexical):
             total += condensed_ndcg([h.product_id for h in combine("hybrid", d, lx, metric, weight)], judged[text], k)
         scores[str(weight)] = round(total / len(texts), 5)
-        if guard:
-            held[str(weight)] = committed_metrics(committed, guard[0].text_relevant, metric, weight)
-    allowed = [w for w in grid if not guard or all(held[str(w)][m] >= guard[1][m] - tolerance for m in GATE_METRICS)]
+        held[str(weight)] = {name: committed_metrics(committed[name], queries.text_relevant, metric, weight)
+                             for name, (queries, _) in guard.items()}
+    allowed = [w for w in grid if all(held[str(w)][name][m] >= floor[m] - tolerance
+                                      for name, (_, floor) in guard.items() for m in GATE_METRICS)]
     # None allowed: the default rule, as the serving model has it. A tie keeps nearer the default.
     chosen = max(allowed, key=lambda w: (scores[str(w)], -abs(w - BASE_WEIGHT))) if allowed else BASE_WEIGHT
     return {"queries": len(texts), "grid": list(grid), "ndcg": scores, "committed": held,
-            "committed_serving": guard[1] if guard else None, "allowed": allowed, "chosen": chosen, "k": k}
+            "committed_serving": {name: floor for name, (_, floor) in guard.items()}, "allowed": allowed,
+            "chosen": chosen, "k": k}
 
 
 class Loop:
@@ -263,15 +266,16 @@ class Loop:
             logger.info("fit: done before (%s)", path)
             return json.loads(path.read_text())
         judged = judged_queries(judgments / "judgments.jsonl", a.fit_queries, a.seed)
-        queries = QuerySet.load(a.queries or DEFAULT_EVAL_SET)
+        sets = {path.stem: QuerySet.load(path) for path in committed_sets(a.queries)}
         encoder = TritonEncoder(a.triton_url, "grpc", a.batch_timeout, tag=a.tag)
         current = TritonEncoder(a.triton_url, "grpc", a.batch_timeout, tag=self.record.query_model_set)
         try:
             collection = self.record.collection
-            floor = committed_metrics(searched(current, self.client, collection, queries.texts),
-                                      queries.text_relevant, store.collection_index(self.client, collection)[1],
-                                      current.lexical_weight)
-            fit = fit_lexical_weight(encoder, self.client, collection, judged, (queries, floor), a.tolerance)
+            metric = store.collection_index(self.client, collection)[1]
+            guard = {name: (queries, committed_metrics(searched(current, self.client, collection, queries.texts),
+                                                       queries.text_relevant, metric, current.lexical_weight))
+                     for name, queries in sets.items() if queries.texts}
+            fit = fit_lexical_weight(encoder, self.client, collection, judged, guard, a.tolerance)
         finally:
             encoder.close()
             current.close()
@@ -349,7 +353,9 @@ class Loop:
         argv = ["--query-side", a.tag, "--collection", a.collection, "--catalog", a.catalog, "--events", str(events),
                 "--impressions", str(a.impressions), "--mode", a.mode, "--triton-url", a.triton_url, "--milvus-uri",
                 a.milvus_uri, "--tolerance", str(a.tolerance)]
-        argv += ["--limit", str(a.limit)] * bool(a.limit) + ["--queries", str(a.queries)] * bool(a.queries)
+        argv += ["--limit", str(a.limit)] * bool(a.limit)
+        for path in a.queries or ():
+            argv += ["--queries", str(path)]
         argv += ["--admin-key", a.admin_key] * bool(a.admin_key)
         return upgrade_query_side(upgrade_args(argv), self.client, held_out)
 
@@ -384,8 +390,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shuffle-judgments", action="store_true",
                    help="train on judgments paired with other queries: a harmful candidate the gate must refuse")
     p.add_argument("--held-out-queries", type=int, default=300, help="held-out shopper queries, offline")
-    p.add_argument("--queries", type=Path, default=None,
-                   help="committed query set of the offline gate (default: client/upgrade.py's)")
+    p.add_argument("--queries", type=Path, action="append", default=None,
+                   help="a committed query set of the fit and the offline gate (repeatable; default: every "
+                        "committed evaluation set)")
     p.add_argument("--mode", default="hybrid", choices=("hybrid", "dense"), help="how the pages search text")
     p.add_argument("--tolerance", type=float, default=0.01,
                    help="what the candidate may lose offline (the gate), and its fitted fusion on the committed set")

@@ -50,7 +50,7 @@ from client.evaluate import evaluate_served
 from client.fusion import MODES
 from client.index import Indexer
 from core.catalog import DEFAULT_CATALOG, CatalogError, ColumnMap
-from core.queries import DEFAULT_EVAL_SET
+from core.queries import EVAL_SETS
 from core.specs import PRODUCT_ENCODER, QUERY_ENCODER, in_model_set
 
 logger = logging.getLogger("client.upgrade")
@@ -116,10 +116,20 @@ def load_model_set(triton_url: str, protocol: str, tag: str, admin_key: str | No
 
 
 def _evaluate(encoder: TritonEncoder, client, collection: str, args, images: TritonEncoder | None = None) -> dict:
-    result = evaluate_served(encoder, client, args.queries, args.catalog, ColumnMap.from_args(args), collection,
-                             mode=args.mode, image_encoder=images)
-    return {kind: {**{name: m[name] for name in GATE_METRICS}, "recall@10": m["recall@10"], "queries": m["queries"]}
-            for kind, m in result["metrics"].items()}
+    """Each committed query set's metrics per query kind, keyed "<set>/<kind>" (a query set alone: "<kind>")."""
+    out = {}
+    for path in committed_sets(args.queries):
+        result = evaluate_served(encoder, client, path, args.catalog, ColumnMap.from_args(args), collection,
+                                 mode=args.mode, image_encoder=images)
+        prefix = f"{path.stem}/" if len(args.queries or EVAL_SETS) > 1 else ""
+        out.update({f"{prefix}{kind}": {**{name: m[name] for name in GATE_METRICS}, "recall@10": m["recall@10"],
+                                        "queries": m["queries"]} for kind, m in result["metrics"].items()})
+    return out
+
+
+def committed_sets(paths: list[Path] | None) -> list[Path]:
+    """The query sets a gate evaluates: those given, or every committed evaluation set this project has."""
+    return list(paths) if paths else [p for p in EVAL_SETS if p.is_file()]
 
 
 def decide(candidate: dict, current: dict, tolerance: float) -> tuple[bool, str]:
@@ -272,8 +282,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     action.add_argument("--status", action="store_true", help="print what the serving name serves and what is kept")
     p.add_argument("--catalog", default=DEFAULT_CATALOG, help="catalog to index with the new model")
     p.add_argument("--limit", type=int, default=None, help="index only the first N catalog rows")
-    p.add_argument("--queries", type=Path, default=DEFAULT_EVAL_SET,
-                   help="query set both models are evaluated on, through Triton and Milvus")
+    p.add_argument("--queries", type=Path, action="append", default=None,
+                   help="a query set both models are evaluated on, through Triton and Milvus (repeatable; default: "
+                        "every committed evaluation set, training/eval_sets/)")
     p.add_argument("--mode", choices=MODES, default="hybrid",
                    help="how the evaluation searches text queries (as client/search.py --mode)")
     p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
