@@ -258,7 +258,8 @@ class Loop:
         serving.switch(self.client, self.candidate_name, self.record.collection, query_tag=a.tag)
 
     def fit_fusion(self, judgments: Path, checkpoint: Path) -> dict | None:
-        """Choose the candidate's lexical weight on the judged queries; True when the checkpoint changed."""
+        """Choose the candidate's lexical weight on the judged queries, write it into the checkpoint and export
+        and reload the model set with it; returns the fit (None with --fusion default)."""
         a, path = self.args, self.work / "fusion.json"
         if a.fusion == "default":
             return None
