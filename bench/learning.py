@@ -83,39 +83,53 @@ def aa_interleaving(args, client, record: serving.CollectionRecord, workdir: Pat
             "winners": sum(b.winner is not None for b in blocks), "p_values": [round(b.p_value, 4) for b in blocks]}
 
 
-def sweep(args, client, record: serving.CollectionRecord, tags: dict[str, str], truth: Path) -> dict:
-    """The ablation: each query model (the serving one, the candidate's tower) fused at every lexical weight of
-    the fit's grid, on the loop's held-out shopper queries and the committed set's text queries."""
-    from client.learning_loop import FIT_GRID, committed_metrics, searched
-    from client.simulated_eval import dcg, held_out_queries, ideal_dcg
-    from core.catalog import read_catalog
-    from core.queries import DEFAULT_EVAL_SET, QuerySet
+ABLATION_BASES = (0.0, 0.05, 0.1, 0.2, 0.3, 0.35)  # base weights tried with each rule's confidence tests
+
+
+def rule_text(rule: dict) -> str:
+    """A fusion rule in a few words: its base weight and the confidence tests beyond the shipped one."""
+    tests = [f"lead >= {rule['lead_ratio']}"] * (rule.get("lead_ratio") is not None)
+    tests += [f"< {rule['rare_hits']} BM25 hits"] * bool(rule.get("rare_hits"))
+    return f"base {rule['base_weight']}" + (f", confident also at {' or '.join(tests)}" if tests else "")
+
+
+def ablation(args, client, record: serving.CollectionRecord, tags: dict[str, str], truth: Path,
+             fitted: dict) -> dict:
+    """Each query tower under each fusion rule: the shipped rule, the fitted one, and each rule's confidence
+    tests at every base weight of ABLATION_BASES; on the loop's held-out shopper queries (the simulator's truth)
+    and every committed set's text queries. Which part of the gain is the tower's, which the fusion's."""
+    from dataclasses import replace
+
+    from client.fusion_fit import committed_metrics, searched
+    from client.simulated_eval import Grader, held_out_queries
+    from core.fusion_rule import SHIPPED, FusionRule
+    from core.queries import QuerySet
 
     intents, weights, _ = load_intents(args.catalog, args.seed)
-    held = held_out_queries(intents, weights, 300, args.seed, set(json.loads(truth.read_text())["queries"]))
-    df, _ = read_catalog(args.catalog)
-    products = {str(r["product_id"]): r for r in
-                df[["product_id", "article_type", "base_colour", "gender"]].to_dict("records")}
-    by_type: dict[str, list[dict]] = {}
-    for row in products.values():
-        by_type.setdefault(str(row["article_type"]).lower(), []).append(row)
-    committed = QuerySet.load(DEFAULT_EVAL_SET)
+    held = held_out_queries(intents, weights, args.held_out_queries, args.seed,
+                            set(json.loads(truth.read_text())["queries"]))
+    grader = Grader.from_catalog(args.catalog)
+    sets = {path.stem: QuerySet.load(path) for path in EVAL_SETS}
+    fitted_rule = FusionRule.from_dict(fitted)
+    variants = {"shipped rule": SHIPPED, "fitted rule": fitted_rule}
+    for base in ABLATION_BASES:
+        variants[f"shipped tests, base {base}"] = replace(SHIPPED, base_weight=base)
+        variants[f"fitted tests, base {base}"] = replace(fitted_rule, base_weight=base)
     metric = store.collection_index(client, record.collection)[1]
     out = {}
     for name, tag in tags.items():
         encoder = TritonEncoder(args.triton_url, "grpc", 60.0, tag=tag)
         lists = searched(encoder, client, record.collection, [t for t, _ in held])
-        fixed = searched(encoder, client, record.collection, committed.texts)
+        fixed = {s: searched(encoder, client, record.collection, q.texts) for s, q in sets.items() if q.texts}
+        encoder.close()
         rows = {}
-        for weight in FIT_GRID:
-            scores = []
-            for (_, intent), d, lx in zip(held, *lists):
-                ideal = ideal_dcg(intent, by_type.get(intent.article_type.lower(), []))
-                if ideal:
-                    ranked = [h.product_id for h in combine("hybrid", d, lx, metric, weight)[:10]]
-                    scores.append(dcg([intent.grade(products[p]) for p in ranked]) / ideal)
-            rows[str(weight)] = {"held_out": round(sum(scores) / len(scores), 4),
-                                 **committed_metrics(fixed, committed.text_relevant, metric, weight)}
+        for variant, rule in variants.items():
+            scores = [grader.ndcg(intent, [h.product_id for h in combine("hybrid", d, lx, metric, rule)])
+                      for (_, intent), d, lx in zip(held, *lists)]
+            scores = [x for x in scores if x is not None]
+            rows[variant] = {"rule": json.loads(rule.to_json()), "held_out": round(sum(scores) / len(scores), 4),
+                             "sets": {s: committed_metrics(fixed[s], sets[s].text_relevant, metric, rule)
+                                      for s in fixed}}
         out[name] = rows
     return out
 
@@ -137,7 +151,7 @@ def write_results(out: Path, record: dict) -> None:
         "candidate wins / serving wins / ties | p | gate |",
         "|---|---|---|---|---|---|",
     ]
-    for name, r in ((f"query tower from judgments, lexical weight {good['fusion']['chosen']}", good),
+    for name, r in ((f"query tower from judgments, fusion {rule_text(good['fusion']['chosen'])}", good),
                     ("query tower from shuffled judgments", bad)):
         v, h = r["interleaving"]["verdict"], r["held_out"]
         gain = 100 * (h["candidate"] - h["current"])
@@ -171,24 +185,20 @@ def write_results(out: Path, record: dict) -> None:
         f"{aa['impressions']:,} interleaved searches, {aa['winners']} declared a winner at alpha 0.05 "
         f"(p-values {', '.join(f'{p:.2f}' for p in aa['p_values'])}; {aa['minutes']:.1f} min of traffic).",
     ]
-    first = record.get("first_run")
-    if first:
-        h, v = first["held_out"], first["interleaving"]["verdict"]
-        lines += ["", "Found by this benchmark: a first run of the good loop, whose fit and gate checked the attribute "
-                  "set (fashion) alone, "
-                  f"fitted lexical weight {first['fusion']['chosen']} and was promoted (held-out "
-                  f"{h['current']:.4f} -> {h['candidate']:.4f}; interleaving {v['wins_b']:,} / {v['wins_a']:,} / "
-                  f"{v['ties']:,}, p = {v['p_value']:.2g}), while it lost "
-                  f"{first['codes_loss']:.3f} nDCG@10 on the model-code set. The fit and the gate now check every "
-                  "committed set; the table above is the rerun."]
-    lines += ["", "Ablation: each query tower fused at each lexical weight (hybrid search; 0.35 is the shipped "
-              f"default, the fit chose {good['fusion']['chosen']}): held-out shopper queries nDCG@10 | committed "
-              "text queries nDCG@10 / R@100.", "",
-              "| lexical weight | " + " | ".join(record["sweep"]) + " |", "|---|" + "---|" * len(record["sweep"])]
-    for weight in next(iter(record["sweep"].values())):
-        cells = [f"{r[weight]['held_out']:.4f} &#124; {r[weight]['ndcg@10']:.4f} / {r[weight]['recall@100']:.4f}"
-                 for r in record["sweep"].values()]
-        lines.append(f"| {weight} | " + " | ".join(cells) + " |")
+    towers = record["ablation"]
+    floor = towers["serving tower"]["shipped rule"]["sets"]
+    lines += ["", "Ablation: each query tower under each fusion rule (hybrid search; the shipped rule: base 0.35, "
+              f"confident at best/10th >= 1.5; fitted: {rule_text(good['fusion']['chosen'])}). Each cell: held-out "
+              "shopper queries nDCG@10 &#124; the worst change of any committed set's text nDCG@10 or R@100 from "
+              "the serving tower under the shipped rule (the gate allows -0.01).", "",
+              "| rule | " + " | ".join(towers) + " |", "|---|" + "---|" * len(towers)]
+
+    def worst(sets: dict) -> float:
+        return min(m[k] - floor[s][k] for s, m in sets.items() for k in m)
+
+    for variant in next(iter(towers.values())):
+        cells = [f"{r[variant]['held_out']:.4f} &#124; {worst(r[variant]['sets']):+.3f}" for r in towers.values()]
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
@@ -203,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--catalog", default=DEFAULT_CATALOG, help="the catalog the serving name indexed")
     p.add_argument("--sessions", type=int, default=20_000, help="simulated sessions the loops learn from")
     p.add_argument("--impressions", type=int, default=10_000, help="interleaved searches each verdict is taken on")
+    p.add_argument("--held-out-queries", type=int, default=1000, help="held-out shopper queries, offline")
     p.add_argument("--aa-runs", type=int, default=20, help="A/A runs")
     p.add_argument("--aa-impressions", type=int, default=1000, help="interleaved searches per A/A run")
     p.add_argument("--concurrency", type=int, default=6, help="simulated sessions at once")
@@ -218,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     common = ["--milvus-uri", args.milvus_uri, "--triton-url", args.triton_url, "--model-repository",
               args.model_repository, "--collection", args.collection, "--catalog", args.catalog, "--sessions",
               str(args.sessions), "--impressions", str(args.impressions), "--concurrency", str(args.concurrency),
-              "--seed", str(args.seed), "--mode", args.mode]
+              "--seed", str(args.seed), "--mode", args.mode, "--held-out-queries", str(args.held_out_queries)]
     good_dir, bad_dir = args.workdir / "good", args.workdir / "harmful"
     tag = time.strftime("%Y%m%d-%H%M")
     if not (good_dir / "tag").is_file():
@@ -239,10 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     committed = {"serving": committed_sets(args, client, start_record, start_record.query_model_set),
                  "candidate": committed_sets(args, client, start_record, good["query_tag"]),
                  "harmful": committed_sets(args, client, start_record, harmful["query_tag"])}
-    ablation = sweep(args, client, start_record, {"serving tower": start_record.query_model_set,
-                                                  "tower from judgments": good["query_tag"],
-                                                  "tower from shuffled judgments": harmful["query_tag"]},
-                     good_dir / "collect" / "truth.json")
+    towers = ablation(args, client, start_record, {"serving tower": start_record.query_model_set,
+                                                   "tower from judgments": good["query_tag"],
+                                                   "tower from shuffled judgments": harmful["query_tag"]},
+                      good_dir / "collect" / "truth.json", good["fusion"]["chosen"])
     aa = aa_interleaving(args, client, serving.collection_record(client, args.collection), args.workdir)
     if good["promoted"] and not args.keep:
         serving.switch(client, args.collection, start_record.collection, start_record.query_tag or "")
@@ -253,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             "products": store.count(client, start_record.collection), "sessions": args.sessions,
             "explore_share": 0.5, "minutes": (time.perf_counter() - t0) / 60}
     write_results(args.out, {"meta": meta, "good": good, "harmful": harmful, "committed": committed, "aa": aa,
-                             "sweep": ablation})
+                             "ablation": towers})
     logger.info("results in %s.md", args.out)
     return 0 if good["promoted"] and not harmful["promoted"] else 1
 

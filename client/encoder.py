@@ -14,15 +14,16 @@ from collections.abc import Sequence
 import numpy as np
 
 from client.deadlines import SEARCH_TIMEOUT_S
+from core.fusion_rule import FusionRule
 from core.preprocess import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from core.specs import (
     DESCRIPTION,
     EMBEDDING,
     FINGERPRINT_PARAMETER,
+    FUSION_RULE_PARAMETER,
     IMAGE,
     IMAGE_ENCODER,
     IMAGE_PREPROCESS,
-    LEXICAL_WEIGHT_PARAMETER,
     PRODUCT_ENCODER,
     PRODUCT_SPACE_PARAMETER,
     QUERY,
@@ -193,11 +194,10 @@ class TritonEncoder:
         return self._parameters().get(PRODUCT_SPACE_PARAMETER) or self.fingerprint
 
     @property
-    def lexical_weight(self) -> float | None:
-        """This model set's lexical weight in hybrid fusion (export's "lexical_weight" parameter; None: the
-        default, client/fusion.py)."""
-        value = self._parameters().get(LEXICAL_WEIGHT_PARAMETER)
-        return float(value) if value else None
+    def fusion_rule(self) -> FusionRule | None:
+        """This model set's hybrid fusion rule (export's "fusion_rule" parameter; None: the shipped rule)."""
+        value = self._parameters().get(FUSION_RULE_PARAMETER)
+        return FusionRule.from_json(value) if value else None
 
     @property
     def multimodal(self) -> bool:

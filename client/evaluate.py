@@ -73,8 +73,8 @@ def evaluate_served(encoder: TritonEncoder, client, queries: Path, catalog: str 
         dense = ([[]] * len(texts) if mode == "lexical" else
                  store.search(client, encoder.embed_queries(texts), k, collection, index=index))
         lexical = [[]] * len(texts) if mode == "dense" else store.lexical_search(client, texts, k, collection)
-        weight = encoder.lexical_weight
-        return [[h.product_id for h in combine(mode, d, lx, index[1], weight)[:k]] for d, lx in zip(dense, lexical)]
+        rule = encoder.fusion_rule
+        return [[h.product_id for h in combine(mode, d, lx, index[1], rule)[:k]] for d, lx in zip(dense, lexical)]
 
     def keep(queries_, relevant_lists, groups):
         kept = [(q, [r for r in rel if r in indexed], g) for q, rel, g in zip(queries_, relevant_lists, groups)]

@@ -6,34 +6,28 @@ names 27%) and a fixed weighted sum either lost them (weight 0.3: codes 55%) or 
 quality (0.5: nDCG@10 0.904 vs dense 0.909). What won on every set: a weighted sum of the dense
 similarity and the BM25 score scaled by the best one, whose lexical weight rises when BM25 is
 confident, i.e. its best score stands clear of its 10th, or it found a single product (a rare token
-matched: a code, a name).
+matched: a code, a name). The rule is core/fusion_rule.py's; a query model set may carry its own.
 """
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 
 from client.store import Hit
+from core.fusion_rule import SHIPPED, FusionRule, confidence
 
 MODES = ("hybrid", "dense", "lexical")
-BASE_WEIGHT = 0.35  # lexical weight for an ordinary query
-CONFIDENT_WEIGHT = 0.5  # ... and when BM25 is confident
-CONFIDENCE_RATIO = 1.5  # best BM25 score / 10th best at which it is
 FACETS = ("master_category", "article_type", "base_colour", "gender")
 
 
 def lexical_confidence(lexical: Sequence[Hit]) -> float:
-    """The best BM25 score over the 10th best (or the last one); 0 without a hit.
+    """The best BM25 score over the 10th best (or the last one); 0 without a hit (core.fusion_rule.confidence).
 
     A single hit is infinitely confident: no other product holds any query term (a code or a name matched
     one product). That reading needs a list searched deeper than one hit, as every caller does (100).
     """
-    if not lexical or lexical[0].score <= 0:
-        return 0.0
-    last = lexical[min(9, len(lexical) - 1)].score
-    return math.inf if len(lexical) == 1 or last <= 0 else lexical[0].score / last
+    return confidence([h.score for h in lexical])
 
 
 def dense_similarity(metric: str) -> Callable[[float], float]:
@@ -43,18 +37,16 @@ def dense_similarity(metric: str) -> Callable[[float], float]:
 
 
 def fuse(dense: Sequence[Hit], lexical: Sequence[Hit], similarity: Callable[[float], float] = float,
-         weight: float | None = None, base_weight: float | None = None) -> list[Hit]:
+         weight: float | None = None, rule: FusionRule | None = None) -> list[Hit]:
     """One ranking from both lists: weight * bm25 / best bm25 + (1 - weight) * dense similarity.
 
     `similarity` turns the dense list's Milvus distance into a similarity (see dense_similarity); a
-    product missing from one list gets 0 from it. `weight` None is the shipped rule (`base_weight`, by
-    default BASE_WEIGHT; CONFIDENT_WEIGHT when BM25 is confident); a number fixes it (what the benchmark
-    compares). A query model set may carry its own base weight, fitted on shoppers' judgments
-    (client/learning_loop.py); the confident rule, which finds codes and names, stays.
+    product missing from one list gets 0 from it. `weight` None takes it from `rule` (default: the shipped
+    rule, core.fusion_rule), which reads the BM25 list; a number fixes it (what the benchmark compares). A
+    query model set may carry its own rule, fitted on shoppers' judgments (client/fusion_fit.py).
     """
     if weight is None:
-        confident = lexical_confidence(lexical) >= CONFIDENCE_RATIO
-        weight = CONFIDENT_WEIGHT if confident else (BASE_WEIGHT if base_weight is None else base_weight)
+        weight = (rule or SHIPPED).weight([h.score for h in lexical])
     scores: dict[str, float] = {}
     fields: dict[str, dict] = {}
     best = lexical[0].score if lexical and lexical[0].score > 0 else 1.0
@@ -69,11 +61,11 @@ def fuse(dense: Sequence[Hit], lexical: Sequence[Hit], similarity: Callable[[flo
 
 
 def combine(mode: str, dense: Sequence[Hit], lexical: Sequence[Hit], metric: str,
-            base_weight: float | None = None) -> list[Hit]:
+            rule: FusionRule | None = None) -> list[Hit]:
     """The ranking a search mode returns from the two lists Milvus gave (a list the mode skips is empty);
-    `base_weight`: the query model set's own lexical weight (None: BASE_WEIGHT)."""
+    `rule`: the query model set's own fusion rule (None: the shipped one)."""
     if mode == "hybrid":
-        return fuse(dense, lexical, dense_similarity(metric), base_weight=base_weight)
+        return fuse(dense, lexical, dense_similarity(metric), rule=rule)
     return list(lexical if mode == "lexical" else dense)
 
 

@@ -17,9 +17,9 @@ evaluate offline, interleave, then promote or refuse.
 3. train: python -m training.from_judgments fine-tunes the serving model's query tower into its own product
    space (the serving checkpoint is read from the repository's export report of the serving model set);
 4. export: python -m export writes it as model set TAG into the repository the running Triton serves;
-   fit: hybrid fusion's lexical weight for the candidate's queries is chosen on the judged queries (nDCG@10 of
-   their judged products, searched through Triton and Milvus over a grid), written into the checkpoint's
-   config and exported again with it (`--fusion default` keeps client/fusion.py's);
+   fit: hybrid fusion's rule for the candidate's queries (core/fusion_rule.py: its base lexical weight and when
+   BM25 counts as confident) is fitted on the judged queries under the committed sets (client/fusion_fit.py),
+   written into the checkpoint's config and exported again with it (`--fusion default` keeps the shipped rule);
 5. offline: the candidate behind a candidate serving name (NAME_candidate: the same collection, queries by TAG)
    beside the serving name, on held-out shopper queries (texts no collected session typed), graded by the
    simulator's truth; client/upgrade.py adds the committed evaluation sets;
@@ -38,9 +38,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
-import random
+import shutil
 import subprocess
 import sys
 import time
@@ -53,20 +52,18 @@ if __package__ in (None, ""):  # run as a script
 from client import serving, store
 from client.encoder import TritonEncoder
 from client.events import EventStore
-from client.fusion import BASE_WEIGHT, combine
+from client.fusion_fit import committed_metrics, fit_fusion_rule, judged_queries, searched
 from client.interleave import report as interleave_report
 from client.judgments import DEPTH, MIN_IMPRESSIONS, click_log, judge, write
 from client.page_process import PageServer
-from client.search import FACET_DEPTH
+from client.simulated_eval import Grader, held_out_queries
 from client.simulated_eval import evaluate as evaluate_simulated
-from client.simulated_eval import held_out_queries
 from client.simulated_shoppers import SIMULATED, ShopperModel, Simulation, load_intents, write_truth
-from client.upgrade import GATE_METRICS, UpgradeReport, committed_sets, load_model_set, upgrade_query_side
-from core.catalog import DEFAULT_CATALOG, read_catalog
-from core.metrics import retrieval_metrics
+from client.upgrade import UpgradeReport, committed_sets, load_model_set, upgrade_query_side
+from core.catalog import DEFAULT_CATALOG
 from core.queries import QuerySet
 from core.server_process import free_port
-from core.specs import LEXICAL_WEIGHT_KEY, report_file
+from core.specs import FUSION_RULE_KEY, report_file
 
 logger = logging.getLogger("client.learning_loop")
 
@@ -99,85 +96,6 @@ def run(command: list[str], log: Path) -> None:
         raise RuntimeError(f"{command[2]} failed (exit {code}); the end of {log}:\n{tail}")
 
 
-FIT_GRID = tuple(round(0.05 * i, 2) for i in range(11))  # lexical weights tried: dense alone up to 0.5
-
-
-def judged_queries(path: Path, limit: int, seed: int) -> dict[str, dict[str, float]]:
-    """Judged text queries with a product rated >= 0.5: {query: {product id: rating}}, at most `limit` (seeded)."""
-    ratings: dict[str, dict[str, float]] = {}
-    for line in path.read_text().splitlines():
-        item = json.loads(line)
-        if item["kind"] == "text":
-            ratings.setdefault(item["query"], {})[str(item["object_id"])] = float(item["rating"])
-    queries = sorted(q for q, r in ratings.items() if max(r.values()) >= 0.5)
-    random.Random(seed).shuffle(queries)
-    return {q: ratings[q] for q in queries[:limit]}
-
-
-def searched(encoder: TritonEncoder, client, collection: str, texts: list[str]) -> tuple[list, list]:
-    """Each text's dense hits (embedded by `encoder`) and BM25 hits in `collection`, FACET_DEPTH deep."""
-    index, dense, lexical = store.collection_index(client, collection), [], []
-    for start in range(0, len(texts), 32):
-        batch = texts[start:start + 32]
-        dense += store.search(client, encoder.embed_queries(batch), FACET_DEPTH, collection, index=index)
-        lexical += store.lexical_search(client, batch, FACET_DEPTH, collection)
-    return dense, lexical
-
-
-def committed_metrics(lists: tuple[list, list], relevant: list[list[str]], metric: str, weight: float | None) -> dict:
-    """nDCG@10 and recall@100 of the committed text queries fused at `weight`."""
-    ranked = [[h.product_id for h in combine("hybrid", d, lx, metric, weight)[:100]] for d, lx in zip(*lists)]
-    found = retrieval_metrics(ranked, relevant, (10, 100))
-    return {name: round(found[name], 5) for name in GATE_METRICS}
-
-
-def condensed_ndcg(ranked: list[str], gains: dict[str, float], k: int = DEPTH) -> float:
-    """nDCG@k of a ranking over the judged products only (Sakai 2007): unjudged ones are left out before the
-    cut, so a ranking is not punished for products the logs never showed; gain: the rating."""
-    kept = [p for p in ranked if p in gains][:k]
-    ideal = sum(g / math.log2(i + 2) for i, g in enumerate(sorted(gains.values(), reverse=True)[:k]))
-    return sum(gains[p] / math.log2(i + 2) for i, p in enumerate(kept)) / ideal if ideal > 0 else 0.0
-
-
-def fit_lexical_weight(encoder: TritonEncoder, client, collection: str, judged: dict[str, dict[str, float]],
-                       guard: dict[str, tuple[QuerySet, dict]] | None = None, tolerance: float = 0.01,
-                       grid: tuple[float, ...] = FIT_GRID, k: int = DEPTH) -> dict:
-    """The hybrid lexical weight (client/fusion.py's base weight) whose fused rankings give the judged products
-    the best nDCG@k (gain: the rating), for queries embedded by `encoder`, searched in `collection`, among the
-    weights that keep every committed set's text queries within `tolerance` of the serving model's metrics
-    there (guard: {set name: (query set, {metric: serving value})}): clicks say what shoppers like, the committed
-    sets what is relevant, and a weight that wins the first by losing the second is not taken.
-
-    The judged rankings are condensed (Sakai 2007): unjudged products are left out before the cut at k.
-    Judgments exist only for what the serving ranking showed, so counting an unjudged product as irrelevant
-    would score every weight by how much it agrees with the weight that served the logs.
-    """
-    if not judged:
-        raise ValueError("no judged text query with a product rated >= 0.5 to fit the fusion on")
-    if not store.has_lexical(client, collection):
-        raise ValueError(f"collection {collection!r} has no BM25 field: hybrid fusion has nothing to fit")
-    metric = store.collection_index(client, collection)[1]
-    texts = list(judged)
-    dense, lexical = searched(encoder, client, collection, texts)
-    guard = guard or {}
-    committed = {name: searched(encoder, client, collection, queries.texts) for name, (queries, _) in guard.items()}
-    scores, held = {}, {}
-    for weight in grid:
-        total = 0.0
-        for text, d, lx in zip(texts, dense, lexical):
-            total += condensed_ndcg([h.product_id for h in combine("hybrid", d, lx, metric, weight)], judged[text], k)
-        scores[str(weight)] = round(total / len(texts), 5)
-        held[str(weight)] = {name: committed_metrics(committed[name], queries.text_relevant, metric, weight)
-                             for name, (queries, _) in guard.items()}
-    allowed = [w for w in grid if all(held[str(w)][name][m] >= floor[m] - tolerance
-                                      for name, (_, floor) in guard.items() for m in GATE_METRICS)]
-    # None allowed: the default rule, as the serving model has it. A tie keeps nearer the default.
-    chosen = max(allowed, key=lambda w: (scores[str(w)], -abs(w - BASE_WEIGHT))) if allowed else BASE_WEIGHT
-    return {"queries": len(texts), "grid": list(grid), "ndcg": scores, "committed": held,
-            "committed_serving": {name: floor for name, (_, floor) in guard.items()}, "allowed": allowed,
-            "chosen": chosen, "k": k}
-
-
 class Loop:
     def __init__(self, args: argparse.Namespace):
         self.args, self.work = args, Path(args.workdir)
@@ -187,6 +105,7 @@ class Loop:
         self.client = store.connect(args.milvus_uri)
         self.record = serving.collection_record(self.client, args.collection)
         self.candidate_name = f"{args.collection}{CANDIDATE_SUFFIX}"
+        self._candidate_fingerprint: str | None = None
 
     def page(self, name: str, log: str, events: Path | None = None, explore: float = 0.0,
              extra: list[str] | None = None) -> PageServer:
@@ -258,8 +177,9 @@ class Loop:
         serving.switch(self.client, self.candidate_name, self.record.collection, query_tag=a.tag)
 
     def fit_fusion(self, judgments: Path, checkpoint: Path) -> dict | None:
-        """Choose the candidate's lexical weight on the judged queries, write it into the checkpoint and export
-        and reload the model set with it; returns the fit (None with --fusion default)."""
+        """Fit the candidate's hybrid fusion rule on the judged queries (client/fusion_fit.py), write it into the
+        checkpoint's config, export and reload the model set with it; returns the fit (None with --fusion
+        default)."""
         a, path = self.args, self.work / "fusion.json"
         if a.fusion == "default":
             return None
@@ -273,24 +193,30 @@ class Loop:
         try:
             collection = self.record.collection
             metric = store.collection_index(self.client, collection)[1]
-            guard = {name: (queries, committed_metrics(searched(current, self.client, collection, queries.texts),
-                                                       queries.text_relevant, metric, current.lexical_weight))
+            guard = {name: (queries.texts, queries.text_relevant,
+                            committed_metrics(searched(current, self.client, collection, queries.texts),
+                                              queries.text_relevant, metric, current.fusion_rule))
                      for name, queries in sets.items() if queries.texts}
-            fit = fit_lexical_weight(encoder, self.client, collection, judged, guard, a.tolerance)
+            fit = fit_fusion_rule(encoder, self.client, collection, judged, guard, a.tolerance)
         finally:
             encoder.close()
             current.close()
         config_path = checkpoint / "config.json"
         config = json.loads(config_path.read_text())
-        config[LEXICAL_WEIGHT_KEY] = fit["chosen"]
+        config[FUSION_RULE_KEY] = fit["chosen"]
         config_path.write_text(json.dumps(config, indent=2) + "\n")
         (self.work / "export.done").unlink(missing_ok=True)
         self.export(checkpoint)
         self.stage(reload=True)
+        # Evidence taken with the rule before this fit no longer speaks for the candidate (the fingerprint, which
+        # names the weights, stays the same): the offline and interleaving steps start over.
+        (self.work / "held_out.json").unlink(missing_ok=True)
+        shutil.rmtree(self.work / "interleave", ignore_errors=True)
         path.write_text(json.dumps(fit, indent=1))
-        logger.info("fit: lexical weight %.2f of %s allowed by the committed set (judged nDCG@10 %.4f; default "
-                    "%.2f: %.4f) over %d judged queries", fit["chosen"], fit["allowed"],
-                    fit["ndcg"][str(fit["chosen"])], BASE_WEIGHT, fit["ndcg"][str(BASE_WEIGHT)], fit["queries"])
+        logger.info("fit: fusion rule %s, %d of %d rules allowed by the committed sets; judged nDCG@10 %.4f "
+                    "(shipped rule %.4f, best base weight alone %s) over %d judged queries", fit["chosen"],
+                    fit["allowed"], fit["rules"], fit["judged_ndcg"]["chosen"], fit["judged_ndcg"]["shipped"],
+                    fit["judged_ndcg"]["best_base_weight_only"], fit["queries"])
         return fit
 
     def offline(self, collected: Path) -> dict:
@@ -300,14 +226,12 @@ class Loop:
         a = self.args
         exclude = set(json.loads((collected / "truth.json").read_text())["queries"])
         queries = held_out_queries(self.intents, self.weights, a.held_out_queries, a.seed, exclude)
-        df, _ = read_catalog(a.catalog, limit=a.limit)
-        products = {str(r["product_id"]): r for r in
-                    df[["product_id", "article_type", "base_colour", "gender"]].to_dict("records")}
+        grader = Grader.from_catalog(a.catalog, a.limit)
         result = {"simulated": True, "queries": len(queries), "mode": a.mode}
         for who, name in (("current", a.collection), ("candidate", self.candidate_name)):
             with self.page(name, f"offline-{who}.log") as page:
                 page.warm_up()
-                scored = evaluate_simulated(page.url, queries, products, a.mode)
+                scored = evaluate_simulated(page.url, queries, grader, a.mode)
             if scored["failures"] or scored["ndcg"] is None:
                 raise RuntimeError(f"{scored['failures']} of the held-out searches on {name} failed: see "
                                    f"{self.work / f'offline-{who}.log'}")
@@ -338,14 +262,13 @@ class Loop:
         return events
 
     def candidate_fingerprint(self) -> str:
-        if getattr(self, "_candidate", None):
-            return self._candidate
-        encoder = TritonEncoder(self.args.triton_url, "grpc", self.args.batch_timeout, tag=self.args.tag)
-        try:
-            self._candidate = encoder.fingerprint
-            return self._candidate
-        finally:
-            encoder.close()
+        if self._candidate_fingerprint is None:
+            encoder = TritonEncoder(self.args.triton_url, "grpc", self.args.batch_timeout, tag=self.args.tag)
+            try:
+                self._candidate_fingerprint = encoder.fingerprint
+            finally:
+                encoder.close()
+        return self._candidate_fingerprint
 
     def gate(self, held_out: dict, events: Path) -> UpgradeReport:
         from client.upgrade import parse_args as upgrade_args
@@ -385,12 +308,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="the simulated shoppers' seed (and the trainer's)")
     p.add_argument("--steps", type=int, default=400, help="query tower optimizer steps")
     p.add_argument("--fusion", choices=("fit", "default"), default="fit",
-                   help="fit: choose the candidate's hybrid lexical weight on the judged queries; default: keep "
-                        "client/fusion.py's")
-    p.add_argument("--fit-queries", type=int, default=500, help="judged queries the lexical weight is fitted on")
+                   help="fit: fit the candidate's hybrid fusion rule on the judged queries; default: keep "
+                        "the shipped rule (core/fusion_rule.py)")
+    p.add_argument("--fit-queries", type=int, default=2000,
+                   help="judged queries the fusion rule is fitted on (at most)")
     p.add_argument("--shuffle-judgments", action="store_true",
                    help="train on judgments paired with other queries: a harmful candidate the gate must refuse")
-    p.add_argument("--held-out-queries", type=int, default=300, help="held-out shopper queries, offline")
+    p.add_argument("--held-out-queries", type=int, default=1000, help="held-out shopper queries, offline")
     p.add_argument("--queries", type=Path, action="append", default=None,
                    help="a committed query set of the fit and the offline gate (repeatable; default: every "
                         "committed evaluation set)")

@@ -203,7 +203,7 @@ class Searcher:
             lexical = store.lexical_search(self.client, [text], depth, collection, expression)[0]
         else:
             lexical = [] if lexical_search is None else lexical_search.result()[0]  # within its own deadline
-        hits = combine(mode, dense, lexical, target.index[1], target.query_encoder.lexical_weight)
+        hits = combine(mode, dense, lexical, target.index[1], target.query_encoder.fusion_rule)
         done = time.perf_counter()
         return SearchResult(text or "<image>", hits[:k], (embedded - started) * 1e3, (done - embedded) * 1e3,
                             mode, facet_counts(hits[:FACET_DEPTH]), notice, collection,

@@ -59,12 +59,37 @@ def ideal_dcg(intent: Intent, products: Sequence[dict], k: int = DEPTH) -> float
     return dcg(grades)
 
 
-def evaluate(url: str, queries: Sequence[tuple[str, Intent]], products: dict[str, dict], mode: str = "hybrid",
+class Grader:
+    """The simulator's truth over a catalog's products: nDCG@k of a ranking for an intent, the ideal ranking
+    being every product of the catalog graded for it."""
+
+    COLUMNS = ("product_id", "article_type", "base_colour", "gender")  # what Intent.grade reads
+
+    def __init__(self, products: dict[str, dict]):
+        self.products = products
+        self.by_type: dict[str, list[dict]] = {}
+        for row in products.values():
+            self.by_type.setdefault(str(row.get("article_type", "")).lower(), []).append(row)
+
+    @classmethod
+    def from_catalog(cls, catalog: str, limit: int | None = None) -> Grader:
+        df, _ = read_catalog(catalog, limit=limit)
+        return cls({str(r["product_id"]): r for r in df[list(cls.COLUMNS)].to_dict("records")})
+
+    def ndcg(self, intent: Intent, ranked: Sequence[str], fields: dict[str, dict] | None = None,
+             k: int = DEPTH) -> float | None:
+        """nDCG@k of the ranked product ids (a product the catalog lacks is graded by `fields`, the hit's own);
+        None when no product of the catalog is relevant to the intent."""
+        ideal = ideal_dcg(intent, self.by_type.get(intent.article_type.lower(), []), k)
+        if ideal == 0:
+            return None
+        fields = fields or {}
+        return dcg([intent.grade(self.products.get(p) or fields.get(p, {})) for p in ranked[:k]]) / ideal
+
+
+def evaluate(url: str, queries: Sequence[tuple[str, Intent]], grader: Grader, mode: str = "hybrid",
              k: int = DEPTH, timeout_s: float = 10.0) -> dict:
     """Mean nDCG@k over the queries, searched through the page; a failed search counts as a failure, not a 0."""
-    by_type: dict[str, list[dict]] = {}
-    for row in products.values():
-        by_type.setdefault(str(row.get("article_type", "")).lower(), []).append(row)
     scores, failures = [], 0
     for text, intent in queries:
         params = urllib.parse.urlencode({"q": text, "k": k, "mode": mode, "client_id": CLIENT_ID})
@@ -75,11 +100,10 @@ def evaluate(url: str, queries: Sequence[tuple[str, Intent]], products: dict[str
             failures += 1
             logger.warning("evaluation search %r failed: %s", text, exc)
             continue
-        ideal = ideal_dcg(intent, by_type.get(intent.article_type.lower(), []), k)
-        if ideal == 0:
-            continue
-        got = [intent.grade(products.get(h["product_id"], h["fields"])) for h in body["hits"][:k]]
-        scores.append(dcg(got) / ideal)
+        hits = body["hits"][:k]
+        score = grader.ndcg(intent, [h["product_id"] for h in hits], {h["product_id"]: h["fields"] for h in hits}, k)
+        if score is not None:
+            scores.append(score)
     if failures:
         logger.warning("%d of %d evaluation searches failed: left out of the mean", failures, len(queries))
     return {"simulated": True, "queries": len(queries), "scored": len(scores), "failures": failures, "mode": mode,
@@ -104,11 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
     exclude: set[str] = set()
     for path in args.exclude:
         exclude |= set(json.loads(path.read_text())["queries"])
-    df, _ = read_catalog(args.catalog, limit=args.limit)
-    products = {str(r["product_id"]): r for r in
-                df[["product_id", "article_type", "base_colour", "gender"]].to_dict("records")}
     queries = held_out_queries(intents, weights, args.queries, args.seed, exclude)
-    result = evaluate(args.url, queries, products, args.mode)
+    result = evaluate(args.url, queries, Grader.from_catalog(args.catalog, args.limit), args.mode)
     result["excluded_texts"] = len(exclude)
     logger.info("SIMULATED relevance: nDCG@%d %s over %d held-out queries (%s, %d failed)", result["k"],
                 f"{result['ndcg']:.4f}" if result["ndcg"] is not None else "-", result["scored"], args.mode,

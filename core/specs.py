@@ -92,9 +92,9 @@ FINGERPRINT_PARAMETER = "fingerprint"  # ensemble config parameter: which weight
 # query-side model set names its base; any other names itself).
 PRODUCT_SPACE_PARAMETER = "product_space"
 PRODUCT_SPACE_KEY = "product_space"  # checkpoint config.json: weights digest of the model whose product side it kept
-# Ensemble config parameter and checkpoint config key: the lexical weight of hybrid fusion for this model set's
-# queries, fitted on shoppers' judgments (client/learning_loop.py); absent: client/fusion.py's default.
-LEXICAL_WEIGHT_PARAMETER = LEXICAL_WEIGHT_KEY = "lexical_weight"
+# Ensemble config parameter (JSON) and checkpoint config key (an object): the hybrid fusion rule for this model
+# set's queries (core/fusion_rule.py), fitted on shoppers' judgments (client/fusion_fit.py); absent: the shipped.
+FUSION_RULE_PARAMETER = FUSION_RULE_KEY = "fusion_rule"
 
 
 def model_name(base: str, tag: str = "") -> str:

@@ -26,11 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core import preprocess as preprocess_module
+from core.fusion_rule import FusionRule
 from core.specs import (
     ATTENTION_MASK,
     EMBEDDING,
     FINGERPRINT_PARAMETER,
     FUSION,
+    FUSION_RULE_KEY,
+    FUSION_RULE_PARAMETER,
     IMAGE,
     IMAGE_EMBEDDING,
     IMAGE_ENCODER,
@@ -42,8 +45,6 @@ from core.specs import (
     IMAGE_QUERY_HEAD,
     IMAGE_TOWER,
     INPUT_IDS,
-    LEXICAL_WEIGHT_KEY,
-    LEXICAL_WEIGHT_PARAMETER,
     PIXEL_VALUES,
     PRODUCT_EMBEDDING,
     PRODUCT_ENCODER,
@@ -251,8 +252,8 @@ def write_repository(repo: Path, checkpoint: Path, specs: dict[str, GraphSpec], 
     # the base's weights digest: its queries match the vectors the base's product side made with this variant.
     base = config.get(PRODUCT_SPACE_KEY)
     fingerprint[PRODUCT_SPACE_PARAMETER] = f"{base}-{graphs_dir.name}" if base else fingerprint[FINGERPRINT_PARAMETER]
-    if config.get(LEXICAL_WEIGHT_KEY) is not None:
-        fingerprint[LEXICAL_WEIGHT_PARAMETER] = str(float(config[LEXICAL_WEIGHT_KEY]))
+    if config.get(FUSION_RULE_KEY) is not None:  # checked here: a bad rule fails the export, not every search
+        fingerprint[FUSION_RULE_PARAMETER] = FusionRule.from_dict(config[FUSION_RULE_KEY]).to_json()
     repo.mkdir(parents=True, exist_ok=True)
     tokenizer_json = checkpoint / pre["tokenizer_dir"] / "tokenizer.json"
     text_files = {"tokenizer.json": tokenizer_json, "preprocess.py": Path(preprocess_module.__file__)}

@@ -331,23 +331,22 @@ def test_the_simulated_relevance_of_the_served_model_beats_a_random_ranking(back
                                                                            tmp_path):
     import random
 
-    from client.simulated_eval import dcg, evaluate, held_out_queries, ideal_dcg
+    from client.simulated_eval import Grader, evaluate, held_out_queries
     from client.simulated_shoppers import load_intents
 
     intents, weights, _ = load_intents(str(catalog_path), seed=0, limit=N_INDEXED)
-    df, _ = read_catalog(catalog_path, limit=N_INDEXED)
-    products = {str(r["product_id"]): r for r in df[["product_id", "article_type", "base_colour", "gender"]]
-                .to_dict("records")}
+    grader = Grader.from_catalog(str(catalog_path), N_INDEXED)
+    products = grader.products
     queries = held_out_queries(intents, weights, 40, seed=0)
     store = EventStore(tmp_path / "events.db")
     with serving(create_app(backend, images, events=store)) as url:
-        served = evaluate(url, queries, products)
+        served = evaluate(url, queries, grader)
     assert served["failures"] == 0 and served["scored"] >= 30
     assert all(q.client_id == "simulated-evaluation" for q in store.queries())
     rng, ids, scores = random.Random(0), list(products), []
     for _, intent in queries:  # the baseline: 10 of the indexed products at random
-        ideal = ideal_dcg(intent, list(products.values()))
-        if ideal:
-            scores.append(dcg([intent.grade(products[i]) for i in rng.sample(ids, 10)]) / ideal)
+        score = grader.ndcg(intent, rng.sample(ids, 10))
+        if score is not None:
+            scores.append(score)
     random_ndcg = sum(scores) / len(scores)
     assert served["ndcg"] > 3 * random_ndcg and served["ndcg"] > 0.3, (served["ndcg"], random_ndcg)

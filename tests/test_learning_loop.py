@@ -14,12 +14,14 @@ import pytest
 
 from client import serving, store
 from client.encoder import TritonEncoder
+from client.fusion_fit import rules
 from client.learning_loop import CANDIDATE_SUFFIX
 from client.learning_loop import main as loop_main
 from client.milvus_server import MilvusServer
 from client.search import RESOLVE_EVERY_S, Searcher
 from client.upgrade import main as upgrade_main
 from core.catalog import read_catalog
+from core.fusion_rule import FusionRule
 from core.server_process import free_port
 from export.serve import TritonServer
 from tests.conftest import CATALOG
@@ -85,6 +87,12 @@ def test_the_loop_runs_every_step_and_its_gate_refuses_a_candidate_trained_on_sh
     assert inter["model_b"] == report["fingerprint"] != inter["model_a"]
     assert report["candidate_metrics"]["text"]["queries"] == report["current_metrics"]["text"]["queries"] == 60
     assert report["query_tag"] == TAG and report["candidate"] == report["current"]  # the collection stays
+    # The fusion rule was fitted on the judged queries and travels with the model set: Triton's config gives it back.
+    fit = report["fusion"]
+    assert fit["queries"] > 0 and fit["rules"] == len(rules()) and fit["allowed"] >= 1
+    encoder = TritonEncoder(triton.grpc_url, "grpc", 10.0, tag=TAG)
+    assert encoder.fusion_rule == FusionRule.from_dict(fit["chosen"])
+    encoder.close()
 
     client = store.connect(milvus.uri)
     record = serving.collection_record(client, "products")

@@ -8,9 +8,6 @@ import math
 import pytest
 
 from client.fusion import (
-    BASE_WEIGHT,
-    CONFIDENCE_RATIO,
-    CONFIDENT_WEIGHT,
     FACETS,
     MODES,
     combine,
@@ -20,6 +17,10 @@ from client.fusion import (
     lexical_confidence,
 )
 from client.store import Hit
+from core.fusion_rule import SHIPPED
+
+BASE_WEIGHT, CONFIDENT_WEIGHT, CONFIDENCE_RATIO = (SHIPPED.base_weight, SHIPPED.confident_weight,
+                                                  SHIPPED.confidence_ratio)
 
 pytestmark = pytest.mark.unit
 
@@ -119,3 +120,31 @@ def test_facets_count_values_most_frequent_first_and_skip_empty_ones():
     assert counts["base_colour"] == [("Red", 3), ("Blue", 1)]
     assert counts["gender"] == [("Men", 2), ("Women", 1)]
     assert counts["article_type"] == [] and facet_counts([]) == {name: [] for name in FACETS}
+
+
+def test_a_fitted_rule_also_trusts_a_lead_over_the_second_and_a_short_list():
+    """The shipped rule reads best/10th only; a model set's rule may also read best/2nd and the list's length."""
+    from core.fusion_rule import FusionRule
+
+    lead = hits(("top", 13.0), ("2nd", 10.0), *((f"f{i}", 9.5) for i in range(20)))  # 13/9.5 < 1.5, 13/10 = 1.3
+    short = hits(("a", 9.0), ("b", 9.0), ("c", 8.9))  # 3 products hold the term: 9/8.9 < 1.5
+    fitted = FusionRule(base_weight=0.05, lead_ratio=1.25, rare_hits=10)
+    assert not SHIPPED.confident([h.score for h in lead]) and not SHIPPED.confident([h.score for h in short])
+    assert fitted.weight([h.score for h in lead]) == fitted.weight([h.score for h in short]) == 0.5
+    assert fitted.weight([h.score for h in hits(*((f"f{i}", 10.0) for i in range(30)))]) == 0.05
+    assert fuse([], lead, rule=fitted)[0].score == pytest.approx(0.5)
+    assert combine("hybrid", [], short, "IP", fitted)[0].score == pytest.approx(0.5)
+    assert fitted.weight([]) == 0.05 and fitted.weight([0.0]) == 0.05  # no BM25 evidence: the base weight
+
+
+def test_a_rule_goes_through_json_and_refuses_nonsense():
+    from core.fusion_rule import FusionRule
+
+    fitted = FusionRule(base_weight=0.05, lead_ratio=1.25, rare_hits=10)
+    assert FusionRule.from_json(fitted.to_json()) == fitted
+    assert FusionRule.from_json(SHIPPED.to_json()) == SHIPPED and '"lead_ratio":null' in SHIPPED.to_json()
+    assert FusionRule.from_dict({"base_weight": 0.2}) == FusionRule(base_weight=0.2)  # the rest: shipped
+    for bad, match in (({"base_weight": 1.5}, "base_weight"), ({"lead_ratio": 0.5}, "lead_ratio"),
+                       ({"rare_hits": -1}, "rare_hits"), ({"weight": 0.3}, "unknown keys")):
+        with pytest.raises(ValueError, match=match):
+            FusionRule.from_dict(bad)

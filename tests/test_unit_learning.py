@@ -65,7 +65,7 @@ def test_judgments_are_read_as_rated_text_queries_and_a_malformed_line_names_its
 
 
 def test_the_fusion_fit_scores_rankings_on_judged_products_only():
-    from client.learning_loop import condensed_ndcg
+    from client.fusion_fit import condensed_ndcg
 
     gains = {"a": 1.0, "b": 0.5}
     assert condensed_ndcg(["a", "b"], gains) == pytest.approx(1.0)
@@ -75,3 +75,27 @@ def test_the_fusion_fit_scores_rankings_on_judged_products_only():
     assert condensed_ndcg(["b", "x", "a"], gains) == pytest.approx(swapped)
     assert condensed_ndcg(["x", "y"], gains) == 0.0
     assert condensed_ndcg(["a"], {"a": 0.0}) == 0.0
+
+
+def test_the_fusion_fit_takes_the_best_judged_rule_the_committed_sets_allow():
+    """Two kinds of query: shorthand (a full BM25 list) wants dense alone; a code (three BM25 hits) needs BM25.
+    The judged queries are all shorthand, the committed set all codes: a base weight alone cannot serve both,
+    a rule that trusts a short list can."""
+    from client.fusion_fit import Scored, choose, rules
+    from core.fusion_rule import SHIPPED
+
+    weights = (0.0, 0.05, 0.35, 0.5)
+    shorthand = Scored(tuple(10.0 - 0.01 * i for i in range(100)), {w: (0.9 - w,) for w in weights})
+    code = Scored((9.0, 9.0, 8.9), {w: (1.0 if w >= 0.35 else 0.5, 1.0) for w in weights})
+    judged, committed = [shorthand] * 4, [code] * 3
+    floor = {"ndcg@10": 1.0, "recall@100": 1.0}
+    candidates = rules({"base_weight": weights, "rare_hits": (0, 10)})
+    fit = choose(judged, {"codes": (committed, floor)}, 0.01, candidates)
+    assert fit["chosen"]["base_weight"] == 0.0 and fit["chosen"]["rare_hits"] == 10
+    assert fit["judged_ndcg"]["chosen"] == pytest.approx(0.9) and fit["judged_ndcg"]["shipped"] == pytest.approx(0.55)
+    assert fit["best_base_weight_only"]["base_weight"] == 0.35  # the lowest base weight alone that keeps the codes
+    assert fit["committed"]["codes"] == {"ndcg@10": 1.0, "recall@100": 1.0}
+    assert fit["allowed"] == 6 and fit["rules"] == 8  # 0.35 and 0.5 at either rare_hits; 0.0 and 0.05 with it
+    # Nothing the committed set allows: the shipped rule, as the serving model has it.
+    none = choose(judged, {"codes": (committed, {"ndcg@10": 2.0, "recall@100": 1.0})}, 0.01, candidates)
+    assert none["allowed"] == 0 and none["chosen"] == json.loads(SHIPPED.to_json())

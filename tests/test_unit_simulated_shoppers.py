@@ -88,3 +88,11 @@ def test_held_out_queries_are_distinct_seeded_and_leave_out_the_sessions_texts()
     assert dcg([2, 0, 1]) == pytest.approx(3 + 1 / 2)
     products = [BLUE_SHIRT, {**BLUE_SHIRT, "base_colour": "Red"}, {**BLUE_SHIRT, "article_type": "Watches"}]
     assert ideal_dcg(Intent("Shirts", "Blue", "Men"), products) == pytest.approx(dcg([2, 1, 0]))
+    from client.simulated_eval import Grader
+
+    grader = Grader({str(i): {**p, "product_id": str(i)} for i, p in enumerate(products)})
+    blue = Intent("Shirts", "Blue", "Men")
+    assert grader.ndcg(blue, ["0", "1"]) == pytest.approx(1.0)
+    assert grader.ndcg(blue, ["1", "0"]) == pytest.approx(dcg([1, 2]) / dcg([2, 1]))
+    assert grader.ndcg(blue, ["x"], {"x": BLUE_SHIRT}) == pytest.approx(dcg([2]) / dcg([2, 1]))  # the hit's fields
+    assert grader.ndcg(Intent("Jeans", "Blue", "Men"), ["0"]) is None  # nothing in the catalog is relevant
