@@ -143,3 +143,41 @@ def serving(app) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+@contextmanager
+def shared_deployment(tiny_repository: Path, base: Path, admin_key: str) -> Iterator[tuple]:
+    """make serve's shape, for tests that load model sets into a running server: Triton in explicit model control
+    with an admin key on a copy of the tiny repository (base/model_repository), and a Milvus server.
+    Yields (triton, milvus, repository)."""
+    import shutil
+
+    from client.milvus_server import MilvusServer
+    from core.server_process import free_port
+    from export.serve import TritonServer
+
+    repo = base / "model_repository"
+    shutil.copytree(tiny_repository, repo)
+    triton = TritonServer.on_free_ports(repo, log_file=base / "triton.log", model_control="explicit",
+                                        admin_key=admin_key)
+    triton.start(timeout_s=180)
+    milvus = MilvusServer(base / "milvus", port=free_port())
+    try:
+        milvus.start()
+        yield triton, milvus, repo
+    finally:
+        milvus.stop()
+        triton.stop()
+
+
+def titles_query_set(path: Path, products: int, queries: int = 60) -> Path:
+    """A committed-set stand-in: the first `queries` titles of the catalog's first `products`, each relevant to
+    its own product (what a gate can lose)."""
+    import json
+
+    from core.catalog import read_catalog
+
+    df, _ = read_catalog(CATALOG, limit=products)
+    path.write_text("".join(json.dumps({"query": t, "relevant": [str(i)]}) + "\n"
+                            for i, t in zip(df.product_id[:queries], df.title[:queries])))
+    return path

@@ -7,7 +7,6 @@ mixed queries, no re-index) and rolls back; a query model set of another product
 from __future__ import annotations
 
 import json
-import shutil
 import time
 
 import pytest
@@ -17,14 +16,11 @@ from client.encoder import TritonEncoder
 from client.fusion_fit import rules
 from client.learning_loop import CANDIDATE_SUFFIX
 from client.learning_loop import main as loop_main
-from client.milvus_server import MilvusServer
 from client.search import RESOLVE_EVERY_S, Searcher
 from client.upgrade import main as upgrade_main
 from core.catalog import read_catalog
 from core.fusion_rule import FusionRule
-from core.server_process import free_port
-from export.serve import TritonServer
-from tests.conftest import CATALOG
+from tests.conftest import CATALOG, shared_deployment, titles_query_set
 from tests.test_upgrade import Shoppers
 
 pytestmark = pytest.mark.server
@@ -39,24 +35,12 @@ def deployment(tiny_repository, tmp_path_factory):
     server, the first N catalog products indexed behind the serving name by upgrade.py; and a titles query set
     (the committed-set role of the offline gate)."""
     base = tmp_path_factory.mktemp("loop")
-    repo = base / "model_repository"
-    shutil.copytree(tiny_repository, repo)
-    triton = TritonServer.on_free_ports(repo, log_file=base / "triton.log", model_control="explicit",
-                                        admin_key=ADMIN_KEY)
-    triton.start(timeout_s=180)
-    milvus = MilvusServer(base / "milvus", port=free_port())
-    try:
-        milvus.start()
-        df, _ = read_catalog(CATALOG, limit=N)
-        (base / "titles.jsonl").write_text("".join(json.dumps({"query": t, "relevant": [str(i)]}) + "\n"
-                                                   for i, t in zip(df.product_id[:60], df.title[:60])))
-        assert upgrade_main(["--tag", "", "--catalog", str(CATALOG), "--limit", str(N), "--queries",
-                             str(base / "titles.jsonl"), "--mode", "dense", "--triton-url", triton.grpc_url,
-                             "--milvus-uri", milvus.uri, "--admin-key", ADMIN_KEY]) == 0
+    with shared_deployment(tiny_repository, base, ADMIN_KEY) as (triton, milvus, repo):
+        titles = titles_query_set(base / "titles.jsonl", N)
+        assert upgrade_main(["--tag", "", "--catalog", str(CATALOG), "--limit", str(N), "--queries", str(titles),
+                             "--mode", "dense", "--triton-url", triton.grpc_url, "--milvus-uri", milvus.uri,
+                             "--admin-key", ADMIN_KEY]) == 0
         yield triton, milvus, base, repo
-    finally:
-        milvus.stop()
-        triton.stop()
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ switch that Milvus dies under."""
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -22,8 +21,7 @@ from client.search import RESOLVE_EVERY_S, Searcher
 from client.upgrade import main as upgrade_main
 from core.catalog import read_catalog
 from core.server_process import free_port
-from export.serve import TritonServer
-from tests.conftest import CATALOG
+from tests.conftest import CATALOG, shared_deployment, titles_query_set
 
 pytestmark = pytest.mark.server
 N = 150
@@ -49,29 +47,17 @@ def deployment(tiny_repository, second_checkpoint, tmp_path_factory):
     from export.__main__ import main as export_main
 
     base = tmp_path_factory.mktemp("upgrade")
-    repo = base / "model_repository"
-    shutil.copytree(tiny_repository, repo)
-    triton = TritonServer.on_free_ports(repo, log_file=base / "triton.log", model_control="explicit",
-                                        admin_key=ADMIN_KEY)
-    triton.start(timeout_s=180)
-    milvus = MilvusServer(base / "milvus", port=free_port())
-    try:
+    with shared_deployment(tiny_repository, base, ADMIN_KEY) as (triton, milvus, repo):
         export_main(["--checkpoint", str(second_checkpoint), "--out", str(repo), "--tag", "v2", "--variant", "fp32",
                      "--measure", "fp32", "--graphs-dir", str(base / "graphs"), "--catalog", str(CATALOG),
                      "--parity-rows", "16"])
-        milvus.start()
         yield triton, milvus, base
-    finally:
-        milvus.stop()
-        triton.stop()
 
 
 def _upgrade(triton, milvus, base, *args: str) -> int:
     queries = base / "titles.jsonl"
     if not queries.exists():
-        df, _ = read_catalog(CATALOG, limit=N)
-        queries.write_text("".join(json.dumps({"query": t, "relevant": [str(i)]}) + "\n"
-                                   for i, t in zip(df.product_id[:60], df.title[:60])))
+        titles_query_set(queries, N)
     return upgrade_main(["--catalog", str(CATALOG), "--limit", str(N), "--queries", str(queries), "--mode", "dense",
                          "--triton-url", triton.grpc_url, "--milvus-uri", milvus.uri, "--admin-key", ADMIN_KEY,
                          "--json", str(base / "report.json"), *args])
