@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from client.deadlines import SEARCH_TIMEOUT_S
-from core.fusion_rule import FusionRule
+from core.fusion_rule import FusionRule, ranking_model
 from core.preprocess import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from core.specs import (
     DESCRIPTION,
@@ -198,6 +198,11 @@ class TritonEncoder:
         """This model set's hybrid fusion rule (export's "fusion_rule" parameter; None: the shipped rule)."""
         value = self._parameters().get(FUSION_RULE_PARAMETER)
         return FusionRule.from_json(value) if value else None
+
+    @property
+    def ranking_model(self) -> str:
+        """What ranks this set's searches: its fingerprint and its fusion rule (core.fusion_rule.ranking_model)."""
+        return ranking_model(self.fingerprint, self.fusion_rule)
 
     @property
     def multimodal(self) -> bool:

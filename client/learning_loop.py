@@ -105,7 +105,7 @@ class Loop:
         self.client = store.connect(args.milvus_uri)
         self.record = serving.collection_record(self.client, args.collection)
         self.candidate_name = f"{args.collection}{CANDIDATE_SUFFIX}"
-        self._candidate_fingerprint: str | None = None
+        self._candidate_model: str | None = None
 
     def page(self, name: str, log: str, events: Path | None = None, explore: float = 0.0,
              extra: list[str] | None = None) -> PageServer:
@@ -246,7 +246,7 @@ class Loop:
         folder.mkdir(exist_ok=True)
         events = folder / "events.db"
         pair_done = lambda: max((r["interleaved_searches"] for r in interleave_report(  # noqa: E731
-            EventStore(events, read_only=True)) if r["model_b"] == self.candidate_fingerprint()), default=0)
+            EventStore(events, read_only=True)) if r["model_b"] == self.candidate_model()), default=0)
         if events.is_file() and pair_done() >= a.impressions:
             logger.info("interleave: done before (%s)", events)
             return events
@@ -261,14 +261,14 @@ class Loop:
                 logger.info("interleave: %d of %d interleaved searches", pair_done(), a.impressions)
         return events
 
-    def candidate_fingerprint(self) -> str:
-        if self._candidate_fingerprint is None:
+    def candidate_model(self) -> str:
+        if self._candidate_model is None:
             encoder = TritonEncoder(self.args.triton_url, "grpc", self.args.batch_timeout, tag=self.args.tag)
             try:
-                self._candidate_fingerprint = encoder.fingerprint
+                self._candidate_model = encoder.ranking_model
             finally:
                 encoder.close()
-        return self._candidate_fingerprint
+        return self._candidate_model
 
     def gate(self, held_out: dict, events: Path) -> UpgradeReport:
         from client.upgrade import parse_args as upgrade_args

@@ -27,6 +27,7 @@ from client.connection import add_connection_args, connect
 from client.encoder import EncoderUnavailable, EncodingError, TritonEncoder
 from client.filters import FILTERS, filter_expression
 from client.fusion import MODES, combine, facet_counts
+from core.fusion_rule import ranking_model
 from core.specs import QUERY_ENCODER
 
 logger = logging.getLogger("client.search")
@@ -62,13 +63,7 @@ class Target:
     lexical: bool
     load_ms: float
     checked: float  # time.monotonic() of the last resolution that confirmed it
-
-    @property
-    def model(self) -> str:
-        """What a search is served by: the collection's model, or the query model set routed to it."""
-        if self.record.query_tag is None:
-            return self.record.fingerprint or ""
-        return self.query_encoder.fingerprint
+    model: str  # what ranks its searches: the query model's fingerprint with its fusion rule (events, interleaving)
 
 
 class Searcher:
@@ -131,7 +126,10 @@ class Searcher:
         # 44k products with Milvus Lite); done here, it is not charged to the first search.
         started = time.perf_counter()
         self.client.load_collection(name)
-        return Target(record, encoder, query_encoder, index, lexical, (time.perf_counter() - started) * 1e3, now)
+        # The collection's own model, or the query model set routed to it; its config was read above.
+        fingerprint = (record.fingerprint or "") if record.query_tag is None else query_encoder.fingerprint
+        return Target(record, encoder, query_encoder, index, lexical, (time.perf_counter() - started) * 1e3, now,
+                      ranking_model(fingerprint, query_encoder.fusion_rule))
 
     @property
     def index(self) -> tuple[str, str]:

@@ -248,7 +248,8 @@ def upgrade_query_side(args: argparse.Namespace, client, held_out: dict | None =
     report.current_metrics = _evaluate(serving_encoder, client, current.collection, args, images)
     offline = decide(report.candidate_metrics, report.current_metrics, args.tolerance)
     if args.events:
-        report.interleaving = interleaving_verdict(args.events, serving_encoder.fingerprint, encoder.fingerprint,
+        # The page logs what ranked each side (core.fusion_rule.ranking_model): a refitted rule is a new candidate.
+        report.interleaving = interleaving_verdict(args.events, serving_encoder.ranking_model, encoder.ranking_model,
                                                    args.impressions, args.alpha)
     report.promoted, report.why = decide_query_side(offline, report.held_out, report.interleaving, args.tolerance)
     if report.promoted or args.force:

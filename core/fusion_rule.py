@@ -16,6 +16,7 @@ shoppers' judgments (client/fusion_fit.py) turns them on for a model set.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Sequence
@@ -87,3 +88,12 @@ class FusionRule:
 
 
 SHIPPED = FusionRule()
+
+
+def ranking_model(fingerprint: str, rule: FusionRule | None) -> str:
+    """What ranks a search: the query model's fingerprint, and its fusion rule where that is not the shipped one
+    (hybrid rankings differ by rule, so evidence about one, an interleaving verdict, is not evidence about another
+    with the same weights)."""
+    if rule is None or rule == SHIPPED:
+        return fingerprint
+    return f"{fingerprint}+fusion-{hashlib.sha256(rule.to_json().encode()).hexdigest()[:8]}"

@@ -19,7 +19,7 @@ from client.learning_loop import main as loop_main
 from client.search import RESOLVE_EVERY_S, Searcher
 from client.upgrade import main as upgrade_main
 from core.catalog import read_catalog
-from core.fusion_rule import FusionRule
+from core.fusion_rule import FusionRule, ranking_model
 from tests.conftest import CATALOG, shared_deployment, titles_query_set
 from tests.test_upgrade import Shoppers
 
@@ -68,7 +68,8 @@ def test_the_loop_runs_every_step_and_its_gate_refuses_a_candidate_trained_on_sh
     assert set(report["held_out"]) >= {"current", "candidate", "queries"} and report["held_out"]["simulated"]
     inter = report["interleaving"]
     assert inter["interleaved_searches"] >= 120 and inter["verdict"]["impressions"] == 120
-    assert inter["model_b"] == report["fingerprint"] != inter["model_a"]
+    # B: what ranked the candidate's searches, its weights and its fitted fusion rule (a refit is another B).
+    assert inter["model_b"].startswith(report["fingerprint"]) and inter["model_b"] != inter["model_a"]
     assert report["candidate_metrics"]["text"]["queries"] == report["current_metrics"]["text"]["queries"] == 60
     assert report["query_tag"] == TAG and report["candidate"] == report["current"]  # the collection stays
     # The fusion rule was fitted on the judged queries and travels with the model set: Triton's config gives it back.
@@ -76,6 +77,7 @@ def test_the_loop_runs_every_step_and_its_gate_refuses_a_candidate_trained_on_sh
     assert fit["queries"] > 0 and fit["rules"] == len(rules()) and fit["allowed"] >= 1
     encoder = TritonEncoder(triton.grpc_url, "grpc", 10.0, tag=TAG)
     assert encoder.fusion_rule == FusionRule.from_dict(fit["chosen"])
+    assert inter["model_b"] == encoder.ranking_model == ranking_model(report["fingerprint"], encoder.fusion_rule)
     encoder.close()
 
     client = store.connect(milvus.uri)
@@ -123,8 +125,9 @@ def test_a_query_side_promotion_reuses_the_collection_and_fails_and_mixes_no_que
     before = serving.collection_record(client, "products")
     collections, rows = sorted(client.list_collections()), store.count(client, before.collection)
     encoders = {tag: TritonEncoder(triton.grpc_url, "grpc", tag=tag) for tag in ("", TAG)}
-    base_model, candidate_model = (encoders[""].fingerprint, encoders[TAG].fingerprint)
-    assert encoders[TAG].product_space == base_model == before.fingerprint != candidate_model
+    base_model, candidate_model = (encoders[""].ranking_model, encoders[TAG].ranking_model)
+    assert encoders[TAG].product_space == encoders[""].fingerprint == base_model == before.fingerprint
+    assert candidate_model.startswith(encoders[TAG].fingerprint) and candidate_model != base_model
 
     gate = ["--query-side", TAG, "--catalog", str(CATALOG), "--limit", str(N), "--queries", str(base / "titles.jsonl"),
             "--mode", "dense", "--triton-url", triton.grpc_url, "--milvus-uri", milvus.uri, "--admin-key", ADMIN_KEY,

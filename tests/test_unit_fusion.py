@@ -148,3 +148,14 @@ def test_a_rule_goes_through_json_and_refuses_nonsense():
                        ({"rare_hits": -1}, "rare_hits"), ({"weight": 0.3}, "unknown keys")):
         with pytest.raises(ValueError, match=match):
             FusionRule.from_dict(bad)
+
+
+def test_what_ranks_a_search_names_a_fitted_rule_but_not_the_shipped_one():
+    from core.fusion_rule import FusionRule, ranking_model
+
+    fitted = FusionRule(base_weight=0.05, rare_hits=10)
+    assert ranking_model("abc-fp32", None) == ranking_model("abc-fp32", SHIPPED) == "abc-fp32"
+    named = ranking_model("abc-fp32", fitted)
+    assert named.startswith("abc-fp32+fusion-") and named == ranking_model("abc-fp32", FusionRule.from_json(
+        fitted.to_json()))
+    assert named != ranking_model("abc-fp32", FusionRule(base_weight=0.1, rare_hits=10))  # a refit: another model
