@@ -30,8 +30,9 @@ from client.encoder import TritonEncoder  # noqa: E402
 from client.fusion_fit import (  # noqa: E402
     GATE_METRICS,
     choose,
-    condensed_ndcg,
+    committed_table,
     judged_queries,
+    judged_table,
     mean,
     rules,
     score_table,
@@ -42,7 +43,6 @@ from client.simulated_eval import Grader, held_out_queries  # noqa: E402
 from client.simulated_shoppers import load_intents  # noqa: E402
 from core.catalog import DEFAULT_CATALOG  # noqa: E402
 from core.fusion_rule import SHIPPED, FusionRule  # noqa: E402
-from core.metrics import retrieval_metrics  # noqa: E402
 from core.queries import EVAL_SETS, QuerySet  # noqa: E402
 
 logger = logging.getLogger("bench.fusion_fit")
@@ -53,17 +53,13 @@ def tables(encoder: TritonEncoder, client, collection: str, judged: dict, held: 
            sets: dict[str, QuerySet], weights: list[float]) -> dict:
     """The judged, held-out and committed queries, each fused at every weight and measured."""
     metric = store.collection_index(client, collection)[1]
-    texts = list(judged)
-    out = {"judged": score_table(searched(encoder, client, collection, texts), metric, lambda i, r: (
-        condensed_ndcg([h.product_id for h in r], judged[texts[i]]),), weights)}
+    out = {"judged": judged_table(searched(encoder, client, collection, list(judged)), metric, judged, weights)}
     graded = [(t, intent) for t, intent in held if grader.ndcg(intent, []) is not None]
     out["held_out"] = score_table(searched(encoder, client, collection, [t for t, _ in graded]), metric,
                                   lambda i, r: (grader.ndcg(graded[i][1], [h.product_id for h in r]),), weights)
     for name, queries in sets.items():
-        def measure(i, ranking, relevant=queries.text_relevant):
-            found = retrieval_metrics([[h.product_id for h in ranking[:100]]], [relevant[i]], (10, 100))
-            return tuple(found[m] for m in GATE_METRICS)
-        out[name] = score_table(searched(encoder, client, collection, queries.texts), metric, measure, weights)
+        out[name] = committed_table(searched(encoder, client, collection, queries.texts), metric,
+                                    queries.text_relevant, weights)
     return out
 
 
@@ -96,8 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     candidates = rules()
     towers = {"serving tower": record.query_model_set,
               "tower from judgments": (args.workdir / "tag").read_text().strip()}
-    found = {name: None for name in towers}
-    serving_tables = None
+    found = {}
     for name, tag in towers.items():
         encoder = TritonEncoder(args.triton_url, "grpc", 60.0, tag=tag)
         try:
@@ -105,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                                  weights_of([*candidates, SHIPPED]))
         finally:
             encoder.close()
-        serving_tables = serving_tables or found[name]
+    serving_tables = found["serving tower"]
     floors = {s: dict(zip(GATE_METRICS, mean(serving_tables[s], SHIPPED))) for s in sets}
     baseline = mean(serving_tables["held_out"], SHIPPED)[0]
     rows = []

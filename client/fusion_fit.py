@@ -104,6 +104,23 @@ def score_table(lists: tuple[list, list], metric: str, measure: Callable[[int, l
     return table
 
 
+def judged_table(lists: tuple[list, list], metric: str, judged: dict[str, dict[str, float]],
+                 weights: Sequence[float], k: int = DEPTH) -> list[Scored]:
+    """The judged queries' lists (in `judged`'s order) scored by condensed nDCG@k at each weight."""
+    texts = list(judged)
+    return score_table(lists, metric, lambda i, ranking: (
+        condensed_ndcg([h.product_id for h in ranking], judged[texts[i]], k),), weights)
+
+
+def committed_table(lists: tuple[list, list], metric: str, relevant: list[list[str]],
+                    weights: Sequence[float]) -> list[Scored]:
+    """A committed set's text queries' lists scored by GATE_METRICS at each weight."""
+    def measure(i: int, ranking: list[Hit]) -> tuple[float, ...]:
+        found = retrieval_metrics([[h.product_id for h in ranking[:100]]], [relevant[i]], (10, 100))
+        return tuple(found[m] for m in GATE_METRICS)
+    return score_table(lists, metric, measure, weights)
+
+
 def mean(table: list[Scored], rule: FusionRule) -> tuple[float, ...]:
     """The table's metrics averaged over its queries, each fused as `rule` fuses it."""
     picked = [row.by_weight[rule.weight(row.lexical_scores)] for row in table]
@@ -125,7 +142,8 @@ def choose(judged: list[Scored], guard: dict[str, tuple[list[Scored], dict[str, 
                 for name, (table, _) in guard.items()}
 
     def keeps(rule: FusionRule) -> bool:
-        return all(held(rule)[name][m] >= floor[m] - tolerance for name, (_, floor) in guard.items()
+        metrics = held(rule)
+        return all(metrics[name][m] >= floor[m] - tolerance for name, (_, floor) in guard.items()
                    for m in GATE_METRICS)
 
     def nearness(rule: FusionRule) -> tuple:
@@ -139,7 +157,7 @@ def choose(judged: list[Scored], guard: dict[str, tuple[list[Scored], dict[str, 
     best_base_only = max(base_only, key=lambda r: (round(score[r], 5), nearness(r))) if base_only else None
     as_dict = lambda r: json.loads(r.to_json()) if r else None  # noqa: E731
     return {"queries": len(judged), "rules": len(candidates), "allowed": len(allowed), "chosen": as_dict(chosen),
-            "judged_ndcg": {"chosen": round(score.get(chosen, mean(judged, chosen)[0]), 5),
+            "judged_ndcg": {"chosen": round(score[chosen] if chosen in score else mean(judged, chosen)[0], 5),
                             "shipped": round(mean(judged, SHIPPED)[0], 5),
                             "best_base_weight_only": round(score[best_base_only], 5) if best_base_only else None},
             "best_base_weight_only": as_dict(best_base_only),
@@ -159,14 +177,7 @@ def fit_fusion_rule(encoder: TritonEncoder, client, collection: str, judged: dic
         raise ValueError(f"collection {collection!r} has no BM25 field: hybrid fusion has nothing to fit")
     candidates = list(candidates or rules())
     metric, weights = store.collection_index(client, collection)[1], weights_of(candidates)
-    texts = list(judged)
-    judged_table = score_table(
-        searched(encoder, client, collection, texts), metric,
-        lambda i, ranking: (condensed_ndcg([h.product_id for h in ranking], judged[texts[i]], k),), weights)
-    tables = {}
-    for name, (queries, relevant, floor) in (guard or {}).items():
-        def measure(i: int, ranking: list[Hit], relevant=relevant) -> tuple[float, ...]:
-            found = retrieval_metrics([[h.product_id for h in ranking[:100]]], [relevant[i]], (10, 100))
-            return tuple(found[m] for m in GATE_METRICS)
-        tables[name] = (score_table(searched(encoder, client, collection, queries), metric, measure, weights), floor)
-    return {**choose(judged_table, tables, tolerance, candidates), "k": k}
+    scored = judged_table(searched(encoder, client, collection, list(judged)), metric, judged, weights, k)
+    tables = {name: (committed_table(searched(encoder, client, collection, texts), metric, relevant, weights), floor)
+              for name, (texts, relevant, floor) in (guard or {}).items()}
+    return {**choose(scored, tables, tolerance, candidates), "k": k}

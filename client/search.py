@@ -27,7 +27,7 @@ from client.connection import add_connection_args, connect
 from client.encoder import EncoderUnavailable, EncodingError, TritonEncoder
 from client.filters import FILTERS, filter_expression
 from client.fusion import MODES, combine, facet_counts
-from core.fusion_rule import ranking_model
+from core.fusion_rule import FusionRule, ranking_model
 from core.specs import QUERY_ENCODER
 
 logger = logging.getLogger("client.search")
@@ -63,6 +63,7 @@ class Target:
     lexical: bool
     load_ms: float
     checked: float  # time.monotonic() of the last resolution that confirmed it
+    fusion_rule: FusionRule | None  # the query model set's hybrid fusion (None: the shipped rule), read once
     model: str  # what ranks its searches: the query model's fingerprint with its fusion rule (events, interleaving)
 
 
@@ -128,8 +129,9 @@ class Searcher:
         self.client.load_collection(name)
         # The collection's own model, or the query model set routed to it; its config was read above.
         fingerprint = (record.fingerprint or "") if record.query_tag is None else query_encoder.fingerprint
+        rule = query_encoder.fusion_rule
         return Target(record, encoder, query_encoder, index, lexical, (time.perf_counter() - started) * 1e3, now,
-                      ranking_model(fingerprint, query_encoder.fusion_rule))
+                      rule, ranking_model(fingerprint, rule))
 
     @property
     def index(self) -> tuple[str, str]:
@@ -201,7 +203,7 @@ class Searcher:
             lexical = store.lexical_search(self.client, [text], depth, collection, expression)[0]
         else:
             lexical = [] if lexical_search is None else lexical_search.result()[0]  # within its own deadline
-        hits = combine(mode, dense, lexical, target.index[1], target.query_encoder.fusion_rule)
+        hits = combine(mode, dense, lexical, target.index[1], target.fusion_rule)
         done = time.perf_counter()
         return SearchResult(text or "<image>", hits[:k], (embedded - started) * 1e3, (done - embedded) * 1e3,
                             mode, facet_counts(hits[:FACET_DEPTH]), notice, collection,
